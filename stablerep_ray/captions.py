@@ -1,0 +1,282 @@
+"""Caption sources -> a lazy Ray Dataset of caption rows, read in small chunks.
+
+A source (files in sorted order) is cut into chunks without reading it: byte ranges of text/jsonl
+files (a line belongs to the chunk it starts in), parquet row groups, whole csv/tsv files. The stream
+is the chunk sequence repeated pass after pass; chunk ``seq`` of the stream is read by one small Ray
+Data task, so Ray Data's backpressure keeps only a few chunks in flight: sources larger than memory
+are never loaded whole, neither in the driver nor in the object store.
+
+Row columns:
+* ``caption_id``: stable id of the caption, ``file_index << 40 | byte offset (or row index)``; it
+  seeds the caption's images, so the same caption always renders the same images.
+* ``chunk``/``row``/``chunk_rows``: where the row sits in the stream. Checkpoints record the first
+  chunk not fully consumed; a resumed run restarts there, so no caption range is ever skipped.
+  A chunk with no caption yields one marker row (``caption_id == -1``) that is never rendered.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .config import CaptionsConfig, ConfigError
+
+logger = logging.getLogger(__name__)
+
+EXTENSIONS = {".txt": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
+SCHEMA = pa.schema([("position", pa.int64()), ("caption_id", pa.int64()), ("caption", pa.string())])
+
+
+CHUNK_BYTES = 1 << 20  # ~10k captions per chunk of a text file
+FILE_ID_SHIFT = 40
+EMPTY_CHUNK_ID = -1  # caption_id of the one marker row an all-blank chunk yields
+
+
+@dataclass(frozen=True)
+class CaptionFile:
+    path: str
+    format: str
+
+
+@dataclass(frozen=True)
+class Chunk:
+    file_index: int
+    path: str
+    format: str
+    start: int  # byte offset (txt/jsonl), row group (parquet), 0 (csv/tsv)
+    stop: int
+
+
+def _filesystem(source: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in source:
+        try:
+            return pafs.FileSystem.from_uri(source)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
+            raise ConfigError(f"captions.source: cannot open {source!r}: {err}") from None
+    return pafs.LocalFileSystem(), str(source)
+
+
+def list_caption_files(cfg: CaptionsConfig) -> tuple[pafs.FileSystem, list[CaptionFile]]:
+    """Resolve ``captions.source`` (file or directory) to its caption files, in a stable order."""
+    fs, path = _filesystem(cfg.source)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"captions.source: {cfg.source} does not exist; check the path")
+    if info.type == pafs.FileType.Directory:
+        entries = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        paths = sorted(e.path for e in entries if e.type == pafs.FileType.File)
+    else:
+        paths = [path]
+    files = []
+    for p in paths:
+        fmt = cfg.format if cfg.format != "auto" else EXTENSIONS.get("." + p.rsplit(".", 1)[-1].lower())
+        if fmt:
+            files.append(CaptionFile(p, fmt))
+    if not files:
+        raise ConfigError(
+            f"captions.source: no caption files in {cfg.source} (expected {', '.join(EXTENSIONS)}); "
+            f"set captions.format if the extension differs"
+        )
+    return fs, files
+
+
+def _column_error(path: str, column: str, available) -> ConfigError:
+    return ConfigError(
+        f"captions.column: {path} has no column {column!r} (columns: {sorted(available)}); "
+        f"set captions.column"
+    )
+
+
+def plan_chunks(cfg: CaptionsConfig, chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]:
+    """Cut one pass over the source into chunks, from file sizes and parquet footers only."""
+    fs, files = list_caption_files(cfg)
+    chunks = []
+    for index, file in enumerate(files):
+        if file.format in ("txt", "jsonl"):
+            size = fs.get_file_info(file.path).size
+            chunks += [Chunk(index, file.path, file.format, a, min(a + chunk_bytes, size))
+                       for a in range(0, size, chunk_bytes)]
+        elif file.format == "parquet":
+            with fs.open_input_file(file.path) as raw:
+                parquet = pq.ParquetFile(raw)
+                if cfg.column not in parquet.schema_arrow.names:
+                    raise _column_error(file.path, cfg.column, parquet.schema_arrow.names)
+                groups = parquet.num_row_groups
+            chunks += [Chunk(index, file.path, file.format, g, g + 1) for g in range(groups)]
+        else:
+            chunks.append(Chunk(index, file.path, file.format, 0, 0))
+    return chunks
+
+
+def _chunk_lines(fs: pafs.FileSystem, chunk: Chunk) -> Iterator[tuple[int, str]]:
+    """(byte offset, decoded line) for the lines that start in [start, stop)."""
+    with fs.open_input_file(chunk.path) as raw:
+        reader = io.BufferedReader(raw, buffer_size=1 << 20)
+        offset = chunk.start
+        if offset:
+            reader.seek(offset - 1)
+            offset += len(reader.readline()) - 1  # finish the line the previous chunk owns
+        while offset < chunk.stop:
+            line = reader.readline()
+            if not line:
+                break
+            try:
+                yield offset, line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(
+                    f"{chunk.path}: byte {offset + err.start}: not valid UTF-8 ({err.reason}); "
+                    f"re-encode the caption file as UTF-8"
+                ) from None
+            offset += len(line)
+
+
+def _json_caption(line: str, path: str, offset: int, column: str) -> str | None:
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: byte {offset}: invalid JSON ({err.msg})") from None
+    if not isinstance(record, dict) or column not in record:
+        raise _column_error(path, column, record if isinstance(record, dict) else [])
+    return record[column]
+
+
+def _csv_cells(fs: pafs.FileSystem, chunk: Chunk, column: str) -> Iterator[str | None]:
+    parse = pacsv.ParseOptions(delimiter="\t" if chunk.format == "tsv" else ",")
+    convert = pacsv.ConvertOptions(column_types={column: pa.string()})
+    with fs.open_input_stream(chunk.path) as raw:
+        try:
+            reader = pacsv.open_csv(raw, parse_options=parse, convert_options=convert)
+        except pa.ArrowInvalid as err:
+            raise ConfigError(f"{chunk.path}: cannot parse as {chunk.format} ({err})") from None
+        if column not in reader.schema.names:
+            raise _column_error(chunk.path, column, reader.schema.names)
+        try:
+            for batch in reader:
+                yield from batch.column(column).to_pylist()
+        except pa.ArrowInvalid as err:
+            raise ConfigError(f"{chunk.path}: {err}; re-encode the file as UTF-8") from None
+
+
+def _chunk_cells(fs: pafs.FileSystem, chunk: Chunk, column: str) -> Iterator[tuple[int, str | None]]:
+    """(key within the file, raw caption or None) for one chunk."""
+    if chunk.format == "txt":
+        yield from _chunk_lines(fs, chunk)
+    elif chunk.format == "jsonl":
+        for offset, line in _chunk_lines(fs, chunk):
+            yield offset, _json_caption(line, chunk.path, offset, column)
+    elif chunk.format == "parquet":
+        with fs.open_input_file(chunk.path) as raw:
+            parquet = pq.ParquetFile(raw)
+            first = sum(parquet.metadata.row_group(g).num_rows for g in range(chunk.start))
+            values = parquet.read_row_group(chunk.start, columns=[column]).column(0).to_pylist()
+        yield from enumerate(values, start=first)
+    else:
+        yield from enumerate(_csv_cells(fs, chunk, column))
+
+
+def _clean(text, cfg: CaptionsConfig, chunk: Chunk) -> str:
+    """The stripped caption ('' for a blank); over-long captions are an error, not a truncation."""
+    text = str(text).strip() if text is not None else ""
+    if len(text) > cfg.max_chars:
+        raise ConfigError(
+            f"{chunk.path}: a caption of {len(text)} characters (> captions.max_chars="
+            f"{cfg.max_chars}); is captions.column right? Shorten it or raise the limit"
+        )
+    return text
+
+
+def read_chunk(cfg: CaptionsConfig, chunk: Chunk) -> tuple[list[int], list[str], int]:
+    """Caption ids and texts of one chunk (blanks skipped) and how many blanks were skipped."""
+    fs, _ = _filesystem(cfg.source)
+    ids, texts, blanks = [], [], 0
+    for key, raw in _chunk_cells(fs, chunk, cfg.column):
+        text = _clean(raw, cfg, chunk)
+        if not text:
+            blanks += 1
+            continue
+        ids.append(chunk.file_index << FILE_ID_SHIFT | key)
+        texts.append(text)
+    return ids, texts, blanks
+
+
+@dataclass
+class CaptionStats:
+    captions: int
+    blanks: int
+    complete: bool  # False when only a prefix was inspected
+
+
+def inspect_captions(cfg: CaptionsConfig, max_rows: int = 200_000) -> CaptionStats:
+    """Fail fast on bad sources: reads up to ``max_rows`` rows in the driver (streamed) and checks them.
+
+    Runs before Ray starts, so a missing file, a wrong column, non-UTF-8 bytes or over-long lines are
+    reported in one line instead of inside a Ray task after GPUs were reserved.
+    """
+    fs, _ = _filesystem(cfg.source)
+    captions = blanks = 0
+    for chunk in plan_chunks(cfg):
+        for _, raw in _chunk_cells(fs, chunk, cfg.column):
+            text = _clean(raw, cfg, chunk)
+            captions += bool(text)
+            blanks += not text
+            if captions + blanks >= max_rows:
+                return CaptionStats(captions, blanks, complete=False)
+    if not captions:
+        raise ConfigError(
+            f"captions.source: {cfg.source} holds no captions"
+            + (f" ({blanks} blank rows)" if blanks else "")
+            + "; point it at a non-empty caption file"
+        )
+    return CaptionStats(captions, blanks, complete=True)
+
+
+def read_chunks(batch: dict, cfg: CaptionsConfig, chunks: list[Chunk]) -> Iterator[pa.Table]:
+    """Ray Data map_batches fn: stream chunk numbers -> caption rows, one table per chunk."""
+    for seq in batch["chunk"]:
+        ids, texts, blanks = read_chunk(cfg, chunks[int(seq) % len(chunks)])
+        if blanks:
+            logger.info("captions: chunk %d: skipped %d blank captions", seq, blanks)
+        if not ids:  # a marker row, so consumers can see this chunk is done
+            ids, texts = [EMPTY_CHUNK_ID], [""]
+        n = len(ids)
+        yield pa.table(
+            {
+                "chunk": pa.array([int(seq)] * n, pa.int64()),
+                "row": pa.array(range(n), pa.int32()),
+                "chunk_rows": pa.array([n] * n, pa.int32()),
+                "caption_id": pa.array(ids, pa.int64()),
+                "caption": pa.array(texts, pa.string()),
+            }
+        )
+
+
+def read_captions(cfg: CaptionsConfig, start_chunk: int = 0, num_captions: int = 0,
+                  captions_per_pass: int = 0):
+    """A lazy Ray Dataset of caption rows from stream chunk ``start_chunk`` on.
+
+    The stream holds enough passes for ``num_captions`` more captions (one pass unless
+    ``captions.repeat``); ``captions_per_pass`` is a lower bound on captions in one pass.
+    """
+    import ray.data
+
+    chunks = plan_chunks(cfg)
+    passes = start_chunk // len(chunks) + 1
+    if cfg.repeat and num_captions:
+        passes += -(-num_captions // max(captions_per_pass, len(chunks)))
+    seqs = [{"chunk": s} for s in range(start_chunk, passes * len(chunks))]
+    return ray.data.from_items(seqs, override_num_blocks=min(len(seqs), 200)).map_batches(
+        read_chunks,
+        fn_kwargs={"cfg": cfg, "chunks": chunks},
+        batch_size=1,
+        num_cpus=0.25,
+    )

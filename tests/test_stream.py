@@ -1,0 +1,99 @@
+"""Worker-side stream: whole groups per batch, exactly-once at R = 1, at most R serves, memory cap."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from stablerep_ray.stream import GroupStream, StreamExhausted, resume_chunk
+
+CHUNK_ROWS = 7
+
+
+def generator_batches(num_groups, n=4, size=8, per_call=3, start=0):
+    """Batches shaped like the generator stage's output (numpy batch format), 7 rows per chunk."""
+    for first in range(start, start + num_groups, per_call):
+        ids = np.arange(first, min(first + per_call, start + num_groups))
+        images = np.zeros((len(ids), n, size, size, 3), dtype=np.uint8)
+        images[:] = (ids % 251)[:, None, None, None, None]
+        images[:, :, 0, 0, 0] = np.arange(n)  # image index, to see m-of-n subsets
+        yield {
+            "chunk": ids // CHUNK_ROWS,
+            "row": ids % CHUNK_ROWS,
+            "chunk_rows": np.full(len(ids), CHUNK_ROWS),
+            "caption_id": ids * 10,
+            "caption": np.array([f"caption {i}" for i in ids]),
+            "images": images,
+            "num_images": np.full(len(ids), n, dtype=np.int32),
+        }
+
+
+def test_pure_streaming_serves_every_group_exactly_once_in_whole_groups():
+    stream = GroupStream(generator_batches(100), captions_per_step=5, images_per_group=3, reuse=1,
+                         buffer_bytes=1 << 30, seed=0)
+    served = Counter()
+    for _ in range(20):
+        batch = stream.next_batch()
+        assert batch.images.shape == (15, 8, 8, 3)
+        labels = batch.caption_ids.reshape(5, 3)
+        assert (labels == labels[:, :1]).all(), "a group's images stay together"
+        assert len(set(labels[:, 0])) == 5
+        # the pixels come from the group the label says, distinct images of it
+        assert (batch.images[:, 1, 1, 0] == (batch.caption_ids // 10) % 251).all()
+        for row in batch.images.reshape(5, 3, 8, 8, 3):
+            assert len(set(row[:, 0, 0, 0])) == 3
+        served.update(batch.keys.tolist())
+    expected = [(i // CHUNK_ROWS) << 32 | i % CHUNK_ROWS for i in range(100)]
+    assert sorted(served) == expected and set(served.values()) == {1}
+    with pytest.raises(StreamExhausted):
+        stream.next_batch()
+
+
+@pytest.mark.parametrize("reuse", [2, 3, 5])
+def test_reuse_serves_at_most_r_times_and_amplifies(reuse):
+    k, steps = 6, 60
+    stream = GroupStream(generator_batches(10_000), captions_per_step=k, images_per_group=2,
+                         reuse=reuse, buffer_bytes=1 << 30, seed=1)
+    served = Counter()
+    for _ in range(steps):
+        batch = stream.next_batch()
+        assert len(set(batch.keys.tolist())) == k
+        served.update(batch.keys.tolist())
+    assert max(served.values()) <= reuse
+    admitted = stream.admitted
+    assert admitted == pytest.approx(k * steps / reuse, abs=k), "R trades generation for reuse"
+    assert sum(served.values()) == k * steps
+
+
+def test_memory_cap_is_respected():
+    group_bytes = 4 * 8 * 8 * 3
+    cap = 9 * group_bytes
+    stream = GroupStream(generator_batches(10_000), captions_per_step=6, images_per_group=2,
+                         reuse=8, buffer_bytes=cap, seed=2)
+    served = Counter()
+    for _ in range(50):
+        served.update(stream.next_batch().keys.tolist())
+        assert stream.buffer.nbytes <= cap
+    assert stream.buffer.peak_bytes <= cap
+    assert max(served.values()) <= 8
+
+
+def test_resume_chunk_is_the_first_chunk_not_consumed_by_all_workers():
+    worker_a = {0: (3, 5), 1: (2, 4), 3: (1, 2)}
+    worker_b = {0: (2, 5), 1: (2, 4), 2: (1, 3)}
+    assert resume_chunk([worker_a, worker_b], 0) == (2, 2)  # chunk 2 has 1 of 3; chunk 3 repeats 1
+    assert resume_chunk([{}], 4) == (4, 0)
+
+
+def test_progress_counts_rows_the_stream_skips():
+    """Rows without enough images (empty-chunk markers, safety drops) still complete their chunk."""
+    batches = list(generator_batches(14))
+    for batch in batches:
+        batch["num_images"][batch["row"] == 0] = 0
+    stream = GroupStream(iter(batches), captions_per_step=4, images_per_group=2, reuse=1,
+                         buffer_bytes=1 << 30, seed=0)
+    for _ in range(3):  # 14 rows, 2 unservable: 12 groups
+        stream.next_batch()
+    with pytest.raises(StreamExhausted):
+        stream.next_batch()
+    assert resume_chunk([stream.progress.state()], 0) == (2, 0)
