@@ -1,0 +1,138 @@
+"""``stablerep-ray``: the command line. Thin: parse, validate, hand over to the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import Config, ConfigError, load_config
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML experiment file (see configs/)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.steps=100 (repeatable)",
+    )
+    parser.add_argument("--output-dir", help="override output_dir")
+
+
+def load_from_args(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if getattr(args, "output_dir", None):
+        overrides.append(f"output_dir={args.output_dir}")
+    return load_config(args.config, overrides)
+
+
+def preflight(config: Config) -> int:
+    """Every check that needs no cluster, before Ray starts or any actor is reserved.
+
+    Returns the number of captions seen in one pass (a lower bound for large sources)."""
+    from .captions import inspect_captions
+    from .generation import check_pipeline_path
+    from .runtime import check_local_fit
+
+    stats = inspect_captions(config.captions)
+    more = "" if stats.complete else "+ (first rows checked)"
+    print(f"captions: {stats.captions}{more} from {config.captions.source}"
+          + (f", {stats.blanks} blank rows skipped" if stats.blanks else ""))
+    if config.generator.backend == "diffusers":
+        check_pipeline_path(config.generator.model)
+    if config.eval.data:
+        from .evaluation import check_data_spec
+
+        check_data_spec(config.eval.data)
+    check_local_fit(config)
+    return stats.captions
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .runtime import init_ray
+    from .train import fit
+
+    config = load_from_args(args)
+    captions_per_pass = preflight(config)
+    init_ray(config)
+    result = fit(config, max_steps=args.max_steps, captions_per_pass=captions_per_pass)
+    print(f"checkpoints: {result.checkpoint.path if result.checkpoint else 'none'}")
+    print(f"tensorboard: tensorboard --logdir {config.run_dir / 'tensorboard'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+
+    results = evaluate(args.checkpoint, args.data, method=args.method, output=args.output)
+    for key, value in results.get("metrics", {}).items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+def cmd_make_tiny_pipeline(args: argparse.Namespace) -> int:
+    from .tiny_pipeline import make_tiny_pipeline
+
+    print(f"saved a tiny random Stable Diffusion pipeline to {make_tiny_pipeline(args.directory, args.seed)}")
+    return 0
+
+
+def cmd_make_captions(args: argparse.Namespace) -> int:
+    from .simulator import make_captions
+
+    path = Path(args.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(make_captions(args.num, args.seed)) + "\n")
+    print(f"wrote {args.num} simulator captions to {path}")
+    return 0
+
+
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from .config import reference_markdown
+
+    print(reference_markdown())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stablerep-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="generate images on an actor pool and train on the stream")
+    _add_config_args(p)
+    p.add_argument("--max-steps", type=int, help="stop after this step (the lr schedule keeps train.steps)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="kNN / linear-probe evaluation of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (holds model.pt)")
+    p.add_argument("--data", required=True, help="TRAIN[:TEST]: ImageFolder, parquet, or simulator:<attr>")
+    p.add_argument("--method", choices=["knn", "linear", "both"], default="knn")
+    p.add_argument("--output", help="results directory (default: CHECKPOINT/eval)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("make-tiny-pipeline", help="save a tiny random SD pipeline for offline use")
+    p.add_argument("directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny_pipeline)
+
+    p = sub.add_parser("make-captions", help="write simulator captions (composable attributes)")
+    p.add_argument("path")
+    p.add_argument("--num", type=int, default=10000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_captions)
+
+    p = sub.add_parser("config-reference", help="print every config key with default and meaning")
+    p.set_defaults(func=cmd_config_reference)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Generation stage: caption rows -> one row per caption with its n images, on a fixed actor pool.
+
+Each actor loads its text-to-image pipeline once (``DiffusionPipeline.from_pretrained``) and renders
+``captions_per_call x n`` images per call. Image j of caption c is drawn from its own torch.Generator
+seeded with ``image_seed(base, c, j)``, so the same configuration regenerates the same images whatever
+actor, block or batch a caption lands in.
+
+Output rows: the caption columns (``chunk``, ``row``, ``chunk_rows``, ``caption_id``, ``caption``),
+``images`` (n, S, S, 3) uint8 at the stored resolution ``output_size``, and ``num_images`` (valid
+images first; the safety checker may drop some).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .captions import EMPTY_CHUNK_ID
+from .config import Config, ConfigError, GeneratorConfig
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS = {
+    "dpm_solver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+}
+
+
+def image_seed(base_seed: int, caption_id: int, index: int) -> int:
+    """A 63-bit seed for image ``index`` of caption ``caption_id``; well mixed, order independent."""
+    state = np.random.SeedSequence([base_seed, caption_id, index]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def resolve_device_and_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+    return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+
+
+def check_pipeline_path(model: str) -> None:
+    """Fail fast on a local model path that is missing or is not a diffusers text-to-image pipeline."""
+    path = Path(model).expanduser()
+    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
+    if not looks_local:
+        return  # a hub id: checked when the actor loads it
+    index = path / "model_index.json"
+    if not path.is_dir():
+        raise ConfigError(
+            f"generator.model: {model} does not exist; give a diffusers pipeline directory or hub id "
+            f"(or build one offline with `stablerep-ray make-tiny-pipeline {model}`)"
+        )
+    if not index.is_file():
+        raise ConfigError(
+            f"generator.model: {model} has no model_index.json, so it is not a diffusers pipeline "
+            f"directory; point it at a pipeline saved with save_pretrained"
+        )
+    import json
+
+    components = json.loads(index.read_text())
+    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in components]
+    if missing or "Img2Img" in components.get("_class_name", "") or "Inpaint" in components.get(
+        "_class_name", ""
+    ):
+        raise ConfigError(
+            f"generator.model: {model} holds a {components.get('_class_name')} without "
+            f"{', '.join(missing) or 'a text-to-image entry point'}; a Stable Diffusion text-to-image "
+            f"pipeline is needed"
+        )
+
+
+def load_pipeline(cfg: GeneratorConfig):
+    """``from_pretrained`` + scheduler swap + the speed options that apply to this device."""
+    from diffusers import DiffusionPipeline
+    import diffusers
+
+    device, dtype = resolve_device_and_dtype(cfg.dtype)
+    pipe = DiffusionPipeline.from_pretrained(cfg.model, torch_dtype=dtype)
+    if cfg.scheduler != "pipeline":
+        cls_name, extra = SCHEDULERS[cfg.scheduler]
+        pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
+    if not cfg.safety_checker and getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    if cfg.safety_checker and getattr(pipe, "safety_checker", None) is None:
+        raise ConfigError(
+            f"generator.safety_checker: {cfg.model} has no safety checker; set it to false or use a "
+            f"pipeline that ships one"
+        )
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(device)
+    if device.type == "cuda":
+        if cfg.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=True)
+    if cfg.vae_slicing:
+        pipe.vae.enable_slicing()
+    return pipe, device
+
+
+def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, size, size, 3) uint8 with antialiased bilinear resampling."""
+    if images.shape[1] == size and images.shape[2] == size:
+        return images
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+class DiffusersGenerator:
+    """Ray Data callable class: a diffusers text-to-image pipeline held by one actor."""
+
+    def __init__(self, config: GeneratorConfig):
+        self.cfg = config
+        self.pipe, self.device = load_pipeline(config)
+        self.dropped = 0  # images flagged by the safety checker
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        n = cfg.images_per_caption
+        captions = [str(c) for c in batch["caption"]]
+        generators = [
+            torch.Generator(self.device).manual_seed(image_seed(cfg.seed, int(cid), j))
+            for cid in batch["caption_id"]
+            for j in range(n)
+        ]
+        with torch.inference_mode():
+            out = self.pipe(
+                prompt=captions,
+                num_images_per_prompt=n,
+                generator=generators,
+                num_inference_steps=cfg.steps,
+                guidance_scale=cfg.guidance_scale,
+                height=cfg.resolution,
+                width=cfg.resolution,
+                output_type="pt",
+            )
+        # (B*n, 3, H, W) float in [0, 1], caption-major (diffusers repeats each prompt n times).
+        pixels = (out.images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        images = resize_uint8(pixels.permute(0, 2, 3, 1).cpu().numpy(), cfg.output_size)
+        images = images.reshape(len(captions), n, *images.shape[1:])
+        num_images = np.full(len(captions), n, dtype=np.int32)
+        flagged = getattr(out, "nsfw_content_detected", None)
+        if cfg.safety_checker and flagged is not None:
+            images, num_images = self._drop_flagged(images, np.asarray(flagged).reshape(len(captions), n))
+        return {**batch, "images": images, "num_images": num_images}
+
+    def _drop_flagged(self, images: np.ndarray, flagged: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Move kept images to the front of each group; the stream never serves the slots after them."""
+        kept = np.zeros_like(images)
+        counts = np.zeros(len(images), dtype=np.int32)
+        for i, flags in enumerate(flagged):
+            keep = images[i][~flags]
+            kept[i, : len(keep)] = keep
+            counts[i] = len(keep)
+        if flagged.any():
+            self.dropped += int(flagged.sum())
+            logger.warning("safety checker dropped %d images (%d so far)", flagged.sum(), self.dropped)
+        return kept, counts
+
+
+def generator_class(cfg: GeneratorConfig):
+    if cfg.backend == "simulator":
+        from .simulator import SimulatorGenerator
+
+        return SimulatorGenerator
+    return DiffusersGenerator
+
+
+class GeneratorActor:
+    """The Ray Data callable: the configured backend; empty-chunk marker rows pass unrendered."""
+
+    def __init__(self, config: GeneratorConfig):
+        self.cfg = config
+        self.backend = generator_class(config)(config)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        real = batch["caption_id"] != EMPTY_CHUNK_ID
+        if real.all():
+            return self.backend(batch)
+        n, size = self.cfg.images_per_caption, self.cfg.output_size
+        images = np.zeros((len(real), n, size, size, 3), dtype=np.uint8)
+        num_images = np.zeros(len(real), dtype=np.int32)
+        if real.any():
+            out = self.backend({k: v[real] for k, v in batch.items()})
+            images[real], num_images[real] = out["images"], out["num_images"]
+        return {**batch, "images": images, "num_images": num_images}
+
+
+def build_image_stream(config: Config, start_chunk: int = 0, captions_per_pass: int = 0):
+    """Captions from stream chunk ``start_chunk`` -> generator actor pool: what the trainer consumes."""
+    import ray.data
+
+    from .captions import read_captions
+
+    gen, t = config.generator, config.train
+    needed = t.steps * t.batch_size // config.group_size // config.stream.reuse + 4 * gen.captions_per_call
+    remote_args = {"label_selector": gen.label_selector} if gen.label_selector else {}
+    return read_captions(config.captions, start_chunk, needed, captions_per_pass).map_batches(
+        GeneratorActor,
+        fn_constructor_kwargs={"config": gen},
+        batch_size=gen.captions_per_call,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=gen.num_actors),
+        num_gpus=gen.num_gpus_per_actor or None,
+        num_cpus=gen.num_cpus_per_actor,
+        **remote_args,
+    )

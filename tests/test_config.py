@@ -1,0 +1,87 @@
+"""Configuration: schema, overrides, and invalid configs rejected before Ray starts."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stablerep_ray.config import ConfigError, load_config, reference_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+
+
+def test_shipped_configs_validate():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        config = load_config(path)
+        assert config.train.batch_size % (config.group_size * config.train.num_workers) == 0, path
+
+
+def test_overrides_are_typed_and_nested():
+    config = load_config(QUICKSTART, ["train.steps=7", "generator.guidance_scale=3.5", "model.kwargs.depth=2"])
+    assert config.train.steps == 7 and config.generator.guidance_scale == 3.5
+    assert config.model.kwargs == {"patch_size": 4, "depth": 2}
+
+
+def test_reference_lists_every_section():
+    table = reference_markdown()
+    for key in ("captions.source", "generator.guidance_scale", "stream.reuse", "train.batch_size", "eval.knn_k"):
+        assert f"`{key}`" in table
+
+
+BAD = [
+    (["train.batchsize=10"], "train.batchsize: unknown key"),
+    (["train.steps=many"], "train.steps"),
+    (["stream.images_per_group=1"], "stream.images_per_group"),
+    (["generator.guidance_scale=-1"], "generator.guidance_scale"),
+    (["train.batch_size=130"], "train.batch_size"),
+    (["stream.images_per_group=16"], "stream.images_per_group"),
+    (["train.num_workers=9"], "train.num_workers"),
+    (["generator.num_actors=3", "generator.num_gpus_per_actor=1"], "generator.num_actors"),
+    (["train.use_gpu=true"], "train.num_workers"),
+    (["captions.source=/nonexistent/captions.txt"], "captions.source"),
+]
+
+
+def _train_args(overrides, tmp_path):
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    if "train.num_workers=9" in overrides:
+        sets += ["--set", "train.batch_size=144", "--set", "stream.images_per_group=4"]
+    return ["train", str(QUICKSTART), *sets, "--set", "cluster.num_gpus=0", "--output-dir", str(tmp_path)]
+
+
+@pytest.mark.parametrize("overrides,expected", BAD)
+def test_invalid_config_exits_before_ray_starts(overrides, expected, tmp_path, capsys, monkeypatch):
+    import ray
+
+    from stablerep_ray.cli import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(_train_args(overrides, tmp_path)) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not ray.is_initialized()
+    assert not any(tmp_path.iterdir()), "nothing may be written for a rejected config"
+
+
+def test_cli_exit_code_and_single_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "stablerep_ray.cli", *_train_args(["stream.images_per_group=1"], tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: stream.images_per_group")
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(path)
+    path.write_text(yaml.safe_dump({"train": {"steps": 0}}))
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(path, ["captions.source=x", "generator.backend=simulator"])
