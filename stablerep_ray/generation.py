@@ -204,7 +204,11 @@ def build_image_stream(config: Config, start_chunk: int = 0, captions_per_pass: 
     gen, t = config.generator, config.train
     needed = t.steps * t.batch_size // config.group_size // config.stream.reuse + 4 * gen.captions_per_call
     remote_args = {"label_selector": gen.label_selector} if gen.label_selector else {}
-    return read_captions(config.captions, start_chunk, needed, captions_per_pass).map_batches(
+    captions = read_captions(config.captions, start_chunk, needed, captions_per_pass)
+    # One block per generator call: a map task emits its output only when its input block is done,
+    # so a 10k-caption chunk would otherwise hold back every image for hours.
+    captions = captions.repartition(target_num_rows_per_block=gen.captions_per_call)
+    return captions.map_batches(
         GeneratorActor,
         fn_constructor_kwargs={"config": gen},
         batch_size=gen.captions_per_call,
