@@ -60,6 +60,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .tune import run_sweep
+
+    config = load_from_args(args)
+    captions_per_pass = preflight(config)
+    run_sweep(config, resume=args.resume, captions_per_pass=captions_per_pass)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .planner import plan
+
+    print(plan(load_from_args(args), gpus=args.gpus, measure=args.measure))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
@@ -101,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--max-steps", type=int, help="stop after this step (the lr schedule keeps train.steps)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep (guidance scale x images per caption, ...)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="finish an interrupted sweep")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("plan", help="split GPUs between generator actors and trainer workers")
+    _add_config_args(p)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs available to the run")
+    p.add_argument("--measure", action="store_true", help="measure throughput here instead of using the table")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("eval", help="kNN / linear-probe evaluation of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (holds model.pt)")
