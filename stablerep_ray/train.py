@@ -137,11 +137,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
             evaluator = OnlineKNN(config)
 
+    consumed_log = None
+    if config.stream.log_consumed:
+        log_dir = Path(loop_config["run_dir"]) / "consumed"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        consumed_log = open(log_dir / f"rank{rank}-from{start_step:08d}-{os.getpid()}.jsonl", "a")
     interval_start, interval_wait, interval_steps = time.perf_counter(), 0.0, 0
     end_step = min(t.steps, loop_config.get("max_steps") or t.steps)
     for step in range(start_step, end_step):
         wait_before = stream.wait_seconds
         batch = stream.next_batch()
+        group_ids = batch.caption_ids[:: config.images_drawn_per_group]
+        if consumed_log:
+            record = {"step": step, "keys": batch.keys.tolist(), "ids": group_ids.tolist()}
+            consumed_log.write(json.dumps(record) + "\n")
+            consumed_log.flush()
         images = torch.from_numpy(batch.images).to(device, non_blocking=True)
         labels = torch.from_numpy(batch.caption_ids).to(device)
         x = torch.cat([augment(images, aug_generator) for _ in range(views)])
@@ -154,7 +164,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if tokenizer is not None:
                 tokens, lengths = tokenizer.encode(batch.captions, config.model.text.context_length)
                 text_z = model.encode_text(tokens.to(device), lengths.to(device))
-                text_labels = torch.from_numpy(batch.caption_ids[:: config.images_drawn_per_group].copy()).to(device)
+                text_labels = torch.from_numpy(group_ids.copy()).to(device)
                 text_loss = image_text_loss(
                     z, labels, text_z, text_labels, model.logit_scale, distributed=distributed
                 )
@@ -186,7 +196,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 writer.add_scalar("stream/positives_per_anchor", positives_per_anchor(labels), step)
                 writer.add_scalar("stream/buffer_mb", stream.buffer.nbytes / 2**20, step)
                 writer.add_scalar("stream/groups_admitted", stream.admitted * world, step)
-            interval_start, interval_wait, interval_steps = time.perf_counter(), 0.0, 0
+            consumed_log = None
+    if config.stream.log_consumed:
+        log_dir = Path(loop_config["run_dir"]) / "consumed"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        consumed_log = open(log_dir / f"rank{rank}-from{start_step:08d}-{os.getpid()}.jsonl", "a")
+    interval_start, interval_wait, interval_steps = time.perf_counter(), 0.0, 0
 
         report = {"step": step + 1, "loss": float(loss)}
         if evaluator and ((config.eval.every and (step + 1) % config.eval.every == 0) or last):
@@ -201,6 +216,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             _report_checkpoint(model, optimizer, scheduler, step + 1, resume_at, config, vocab, report, rank)
     if writer:
         writer.close()
+    if consumed_log:
+        consumed_log.close()
 
 
 def _resume_point(stream: GroupStream, previous: int, distributed: bool) -> tuple[int, int]:
@@ -290,6 +307,7 @@ def make_trainer(config: Config, max_steps: int | None = None, callbacks: list |
         train_loop_config={
             "config": config.model_dump(mode="json"),
             "tensorboard_dir": str(tensorboard_dir),
+            "run_dir": str(config.run_dir),
             "max_steps": max_steps,
         },
         scaling_config=scaling,
