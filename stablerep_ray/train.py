@@ -196,12 +196,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 writer.add_scalar("stream/positives_per_anchor", positives_per_anchor(labels), step)
                 writer.add_scalar("stream/buffer_mb", stream.buffer.nbytes / 2**20, step)
                 writer.add_scalar("stream/groups_admitted", stream.admitted * world, step)
-            consumed_log = None
-    if config.stream.log_consumed:
-        log_dir = Path(loop_config["run_dir"]) / "consumed"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        consumed_log = open(log_dir / f"rank{rank}-from{start_step:08d}-{os.getpid()}.jsonl", "a")
-    interval_start, interval_wait, interval_steps = time.perf_counter(), 0.0, 0
+            interval_start, interval_wait, interval_steps = time.perf_counter(), 0.0, 0
 
         report = {"step": step + 1, "loss": float(loss)}
         if evaluator and ((config.eval.every and (step + 1) % config.eval.every == 0) or last):
