@@ -210,6 +210,7 @@ def test_job_entry_point_exit_code_and_errors(command, capsys, monkeypatch):
     expected_err = capsys.readouterr().err
     script = ROOT / "jobs" / f"{command}.py"
     monkeypatch.setattr(sys, "argv", [str(script), *args])
+    monkeypatch.syspath_prepend(str(script.parent))  # as `python jobs/x.py` does
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(script), run_name="__main__")
     assert exit_.value.code == expected != 0
