@@ -1,0 +1,95 @@
+"""The pipeline *learns*: a short real training run (simulator actor pool -> Ray Data stream -> 2 DDP
+workers, ``stablerep_ray.train.fit``) beats its own random initialisation on held-out data.
+
+The settings are the quickstart's (``configs/quickstart.yaml``: model, image size, guidance, crop
+scale, m, lr) with fewer steps, so this test also guards the quickstart's claim that it learns.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from stablerep_ray.config import load_config
+from stablerep_ray.evaluation import extract_features, knn_accuracy
+from stablerep_ray.model import build_model, load_model
+from stablerep_ray.runtime import configure_data_context
+from stablerep_ray.simulator import ATTRIBUTES, render_eval_set
+from stablerep_ray.train import fit
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+ATTRIBUTE = "color"
+STEPS = 80
+# Held-out images per class, for the kNN memory bank and (disjointly) for the queries.
+PER_CLASS = 100
+# Required gain of the trained encoder over its own initialisation, in absolute kNN top-1.
+# With 8 colours x 100 = 800 queries, one accuracy has a binomial standard error of at most
+# sqrt(0.25 / 800) = 0.018, the difference of two at most 0.025: a +0.15 margin is 6 standard errors,
+# which sampling noise alone essentially never reaches (p < 1e-8). The queries and the bank are
+# rendered from the simulator's evaluation seed space (independent nuisance, no caption modes), never
+# from training images. Measured on a loaded 2-core machine: 0.365 at init -> 0.810 after 80 steps
+# (+0.45, three times the margin); ~50 s of training at ~200 images/s once Ray is up.
+MARGIN = 0.15
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    configure_data_context()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+def knn_top1(model: torch.nn.Module, image_size: int, size: int) -> float:
+    bank, bank_labels, names = render_eval_set(ATTRIBUTE, PER_CLASS, size, seed=0, split="train")
+    query, query_labels, _ = render_eval_set(ATTRIBUTE, PER_CLASS, size, seed=0, split="test")
+    fb = extract_features(model, bank, image_size)
+    fq = extract_features(model, query, image_size)
+    return knn_accuracy(fb, bank_labels, fq, query_labels, k=20, temperature=0.07, num_classes=len(names))
+
+
+def test_training_beats_random_init_on_held_out_knn(tmp_path):
+    config = load_config(
+        QUICKSTART,
+        [
+            f"output_dir={tmp_path}",
+            "name=learning-test",
+            f"train.steps={STEPS}",
+            "train.warmup_steps=10",
+            f"train.checkpoint_every={STEPS}",
+            "train.max_failures=0",
+            "train.image_grid_every=0",
+            "eval.data=",  # scored below, after training
+        ],
+    )
+    assert ATTRIBUTE in ATTRIBUTES and config.generator.backend == "simulator"
+
+    # The weights training starts from: rank 0 seeds torch with train.seed before build_model and
+    # DDP broadcasts rank 0's parameters, so this is exactly the trained model's initialisation.
+    torch.manual_seed(config.train.seed)
+    random_init = build_model(config).eval()
+
+    start = time.perf_counter()
+    result = fit(config)
+    train_s = time.perf_counter() - start
+    assert result.error is None, result.error
+    assert result.checkpoint is not None
+    with result.checkpoint.as_directory() as ckpt:
+        trained, saved = load_model(ckpt)
+    assert saved.model == config.model
+
+    size = config.generator.output_size
+    acc_random = knn_top1(random_init, config.model.image_size, size)
+    acc_trained = knn_top1(trained, config.model.image_size, size)
+    print(f"kNN top-1 on held-out simulator:{ATTRIBUTE}: random init {acc_random:.3f}, "
+          f"after {STEPS} steps {acc_trained:.3f} (training {train_s:.0f}s)")
+    assert np.isfinite(result.metrics["loss"])
+    assert acc_trained >= acc_random + MARGIN, (acc_random, acc_trained)
