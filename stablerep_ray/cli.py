@@ -44,7 +44,18 @@ def preflight(config: Config) -> int:
 
         check_data_spec(config.eval.data)
     check_local_fit(config)
+    warn_if_unbalanced(config)
     return stats.captions
+
+
+def warn_if_unbalanced(config: Config) -> None:
+    """Say so when the generator/trainer split (by measured or estimated rates) wastes either side."""
+    from .planner import check_balance, per_unit_rates, rates_for
+
+    rates = rates_for(config)
+    warning = rates and check_balance(config, *per_unit_rates(config, rates))
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
