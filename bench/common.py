@@ -1,0 +1,199 @@
+"""Shared helpers for the benchmarks: Ray start-up, configs, caption batches, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import stablerep_ray  # noqa: F401  (sets RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 before ray is imported)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+TINY_PIPELINE = "outputs/tiny-sd"
+
+
+def command_line(module: str) -> str:
+    """The exact command that reproduces this run."""
+    args = shlex.join(sys.argv[1:])
+    return f"uv run python -m {module}" + (f" {args}" if args else "")
+
+
+def machine() -> dict:
+    import ray
+    import torch
+
+    info = {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import psutil
+
+        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    return info
+
+
+def write_result(name: str, payload: dict, module: str) -> Path:
+    """bench/results/<name>.json (latest) and bench/results/history/<name>-<time>.json."""
+    payload = {
+        "benchmark": name,
+        "command": command_line(module),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+        **payload,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "history").mkdir(exist_ok=True)
+    text = json.dumps(payload, indent=2, default=float)
+    path = RESULTS / f"{name}.json"
+    path.write_text(text)
+    (RESULTS / "history" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(text)
+    return path
+
+
+def start_ray(num_cpus: int = 8, worker_niceness: int | None = None) -> None:
+    """A private local Ray (``address="local"``: never join another engineer's cluster).
+
+    ``worker_niceness``: Ray starts worker processes at niceness 15 by default (raylet config
+    ``worker_niceness``), below the driver's 0; on a CPU-contended machine that alone slows the actor
+    pool against an in-process loop in the driver. Benchmarks comparing the two pass 0.
+    """
+    import ray
+
+    if worker_niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(worker_niceness)
+    for attempt in range(3):
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        except Exception as err:  # noqa: BLE001 - Ray gives the raylet 30 s to register; a loaded box misses it
+            if "timed out during startup" not in str(err) or attempt == 2:
+                raise
+            print(f"ray.init timed out (load average {os.getloadavg()[0]:.1f}); retrying", flush=True)
+            ray.shutdown()
+            time.sleep(5)
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # progress-bar refreshes cost CPU on a 2-core machine
+    ctx.wait_for_min_actors_s = 600
+
+
+def load(config_path: str, overrides: list[str] | None = None):
+    """load_config, building the offline tiny SD pipeline first if the config points at it."""
+    from stablerep_ray.config import load_config
+
+    config = load_config(config_path, overrides or [])
+    ensure_tiny_pipeline(config)
+    return config
+
+
+def ensure_tiny_pipeline(config) -> None:
+    gen = config.generator
+    if gen.backend != "diffusers":
+        return
+    path = Path(gen.model)
+    if not (path / "model_index.json").is_file() and gen.model.rstrip("/").endswith("tiny-sd"):
+        from stablerep_ray.tiny_pipeline import make_tiny_pipeline
+
+        print(f"building the tiny offline pipeline: stablerep-ray make-tiny-pipeline {gen.model}")
+        make_tiny_pipeline(path)
+
+
+def captions_per_pass(config) -> int:
+    from stablerep_ray.captions import inspect_captions
+
+    return inspect_captions(config.captions).captions
+
+
+def caption_batches(config, num_batches: int) -> list[dict]:
+    """The caption batches the Ray Data stream feeds the actor pool, rebuilt in-process.
+
+    Same rows in the same order as ``build_image_stream``'s blocks: chunk after chunk, pass after pass,
+    each chunk cut into ``captions_per_call``-row blocks (the last block of a chunk may be shorter).
+    """
+    import numpy as np
+
+    from stablerep_ray.captions import plan_chunks, read_chunk
+
+    chunks = plan_chunks(config.captions)
+    size = config.generator.captions_per_call
+    batches: list[dict] = []
+    seq = 0
+    while len(batches) < num_batches:
+        ids, texts, _ = read_chunk(config.captions, chunks[seq % len(chunks)])
+        for start in range(0, len(ids), size):
+            stop = min(start + size, len(ids))
+            batches.append({
+                "chunk": np.full(stop - start, seq, dtype=np.int64),
+                "row": np.arange(start, stop, dtype=np.int32),
+                "chunk_rows": np.full(stop - start, len(ids), dtype=np.int32),
+                "caption_id": np.asarray(ids[start:stop], dtype=np.int64),
+                "caption": np.asarray(texts[start:stop], dtype=object),
+            })
+            if len(batches) == num_batches:
+                break
+        seq += 1
+    return batches
+
+
+def steps_for_captions(config, captions: int) -> int:
+    """train.steps that makes build_image_stream's caption source at least ``captions`` long."""
+    t = config.train
+    per_step = max(1, t.batch_size // config.group_size // config.stream.reuse)
+    return max(t.steps, -(-captions // per_step) + 1)
+
+
+def read_scalars(tensorboard_dir: str | Path) -> dict[str, list[tuple[int, float, float]]]:
+    """{tag: [(step, value, wall_time), ...]} from the TensorBoard event files in a directory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    out = {tag: [(e.step, e.value, e.wall_time) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    for tag in acc.Tags().get("images", []):
+        out[f"image:{tag}"] = [(e.step, 0.0, e.wall_time) for e in acc.Images(tag)]
+    return out
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def ray_processes() -> list:
+    """psutil processes of this driver's own Ray session (children of the driver, recursively)."""
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
+def cpu_seconds(processes) -> float:
+    total = 0.0
+    for proc in processes:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except Exception:  # exited meanwhile
+            pass
+    return total
+
+
+def title(proc) -> str:
+    try:
+        cmd = proc.cmdline()
+        return cmd[0] if cmd else proc.name()
+    except Exception:
+        return ""

@@ -1,0 +1,174 @@
+"""Memory over run length: peaks at N and 10N training steps should be the same (bounded stream).
+
+    uv run python -m bench.memory                       # quickstart, N = 12 -> 12 and 120 steps
+    uv run python -m bench.memory --steps 20 --factor 10
+
+Each run is a separate driver process with its own private Ray session (so idle workers of the first
+run do not count in the second) and a fresh run name (no resume). A sampler thread records, every --interval seconds:
+* resident memory: RSS summed over the driver and every process of its Ray session (raylet, GCS,
+  generator actors, reader tasks, Train controller and workers), and the same minus shared pages
+  (RSS counts the object store's shared-memory pages in every process that maps them);
+* object store: bytes used in plasma (raylet FormatGlobalMemoryInfo: object_store_bytes_used).
+Prints peak(10N) / peak(N) for each (target <= 1.1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from . import common
+
+MODULE = "bench.memory"
+
+
+class Sampler(threading.Thread):
+    def __init__(self, interval: float):
+        super().__init__(daemon=True)
+        import psutil
+        import ray
+        from ray._private.internal_api import get_state_from_address
+
+        self.interval = interval
+        self.driver = psutil.Process()
+        self.state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        self.samples: list[dict] = []
+        self.halt = threading.Event()
+        self.t0 = time.perf_counter()
+
+    def sample(self) -> dict:
+        from ray._private.internal_api import get_memory_info_reply
+
+        rss = private = 0
+        procs = 0
+        for proc in [self.driver, *self.driver.children(recursive=True)]:
+            try:
+                info = proc.memory_info()
+            except Exception:  # exited meanwhile
+                continue
+            rss += info.rss
+            private += info.rss - getattr(info, "shared", 0)
+            procs += 1
+        try:
+            store = get_memory_info_reply(self.state, timeout_seconds=5).store_stats.object_store_bytes_used
+        except Exception:  # noqa: BLE001 - raylet busy: skip this sample's store figure
+            store = None
+        return {"t": time.perf_counter() - self.t0, "rss": rss, "rss_private": private,
+                "object_store": store, "processes": procs}
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            self.samples.append(self.sample())
+            self.halt.wait(self.interval)
+
+    def stop(self) -> dict:
+        self.halt.set()
+        self.join()
+        peak = lambda key: max((s[key] for s in self.samples if s[key] is not None), default=0)  # noqa: E731
+        return {
+            "samples": len(self.samples),
+            "peak_rss": peak("rss"),
+            "peak_rss_private": peak("rss_private"),
+            "peak_object_store": peak("object_store"),
+            "peak_processes": peak("processes"),
+            "timeline": self.samples[:: max(1, len(self.samples) // 200)],
+        }
+
+
+def one_run(path: str, overrides: list[str], steps: int, interval: float, niceness: int,
+            data_limit_mb: float | None = None) -> dict:
+    import ray
+
+    from stablerep_ray.train import fit
+
+    common.start_ray(worker_niceness=niceness)
+    if data_limit_mb:
+        # Ray Data lets a streaming executor use up to 50 % of the object store; Train copies the driver's
+        # DataContext resource limits into the ingest options of its datasets.
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+            object_store_memory=data_limit_mb * 2**20)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    config = common.load(path, overrides + [
+        f"name=bench-mem-{steps}-{stamp}", f"output_dir={common.RESULTS / 'runs'}", f"train.steps={steps}"])
+    per_pass = common.captions_per_pass(config)
+    sampler = Sampler(interval)
+    sampler.start()
+    t0 = time.perf_counter()
+    result = fit(config, captions_per_pass=per_pass)
+    wall = time.perf_counter() - t0
+    stats = sampler.stop()
+    ray.shutdown()
+    if result.error:
+        raise SystemExit(f"training failed: {result.error}")
+    scalars = common.read_scalars(config.run_dir / "tensorboard")
+    buffer = scalars.get("stream/buffer_mb", [])
+    stats.update({"steps": steps, "wall_s": wall, "peak_replay_buffer_mb": max((v for _, v, _ in buffer), default=0)})
+    print(f"  {steps:5d} steps ({wall:.0f} s): peak RSS {stats['peak_rss'] / 2**30:.2f} GiB "
+          f"(private {stats['peak_rss_private'] / 2**30:.2f} GiB, {stats['peak_processes']} processes), "
+          f"object store {stats['peak_object_store'] / 2**20:.1f} MiB, replay buffer (rank 0) "
+          f"{stats['peak_replay_buffer_mb']:.1f} MiB", flush=True)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--steps", type=int, default=12, help="N")
+    parser.add_argument("--factor", type=int, default=10, help="the long run has factor x N steps")
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
+    parser.add_argument("--worker-niceness", type=int, default=0, help="Ray worker niceness (Ray's default 15)")
+    parser.add_argument("--data-limit-mb", type=float,
+                        help="cap Ray Data's object-store budget (DataContext execution_options.resource_limits)")
+    parser.add_argument("--single", type=int, help=argparse.SUPPRESS)  # internal: one run of this many steps
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.single:
+        stats = one_run(args.config, args.overrides, args.single, args.interval, args.worker_niceness,
+                        args.data_limit_mb)
+        Path(args.out).write_text(json.dumps(stats))
+        return 0
+
+    def run(steps: int) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "stats.json"
+            cmd = [sys.executable, "-m", MODULE, "--config", args.config, "--single", str(steps), "--out", str(out),
+                   "--interval", str(args.interval), "--worker-niceness", str(args.worker_niceness)]
+            if args.data_limit_mb:
+                cmd += ["--data-limit-mb", str(args.data_limit_mb)]
+            for item in args.overrides:
+                cmd += ["--set", item]
+            subprocess.run(cmd, check=True, cwd=common.ROOT)
+            return json.loads(out.read_text())
+
+    print(f"[{args.config}] N = {args.steps} and {args.factor}N = {args.steps * args.factor} steps", flush=True)
+    short = run(args.steps)
+    long = run(args.steps * args.factor)
+    ratios = {key: long[key] / short[key] if short[key] else None
+              for key in ("peak_rss", "peak_rss_private", "peak_object_store")}
+    summary = {"config": args.config, "overrides": args.overrides, "N": args.steps, "factor": args.factor,
+               "data_limit_mb": args.data_limit_mb,
+               "short": short, "long": long, "ratios": ratios, "target": 1.1,
+               "pass": all(r is not None and r <= 1.1 for r in (ratios["peak_rss"], ratios["peak_object_store"]))}
+    path = common.write_result("memory" + ("-data-limit" if args.data_limit_mb else ""), summary, MODULE)
+    print(f"\ncommand: {common.command_line(MODULE)}")
+    for key, label in [("peak_rss", "RSS (driver + Ray processes)"), ("peak_rss_private", "RSS minus shared"),
+                       ("peak_object_store", "object store used")]:
+        r = ratios[key]
+        print(f"  peak {label}: {short[key] / 2**20:,.0f} MiB at N, {long[key] / 2**20:,.0f} MiB at "
+              f"{args.factor}N -> ratio {'n/a' if r is None else f'{r:.3f}'} (target <= 1.1)")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
