@@ -22,7 +22,7 @@ def test_shipped_configs_validate():
 def test_overrides_are_typed_and_nested():
     config = load_config(QUICKSTART, ["train.steps=7", "generator.guidance_scale=3.5", "model.kwargs.depth=2"])
     assert config.train.steps == 7 and config.generator.guidance_scale == 3.5
-    assert config.model.kwargs == {"patch_size": 4, "depth": 2}
+    assert config.model.kwargs == {"patch_size": 8, "depth": 2}
 
 
 def test_reference_lists_every_section():
