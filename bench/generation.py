@@ -13,8 +13,9 @@ shared, so the two sides are interleaved: in-process, Ray, in-process, Ray, ...,
 Ray window is compared with the mean of the in-process windows on either side of it, and the result
 is the median over rounds (plus the pooled ratio). Ray worker processes run at the driver's priority
 (``RAY_worker_niceness=0``; Ray's default is 15, see --worker-niceness) so the comparison measures
-Ray Data's overhead, not the scheduler's priority. CPU-time ratios are reported too: they do not
-depend on how busy the machine is.
+Ray Data's overhead, not the scheduler's priority. CPU-time ratios are reported too: they depend
+much less on how busy the machine is. A last window runs the same class as a plain Ray actor (no Ray
+Data) to split the overhead between Ray core and Ray Data.
 Ratio target: Ray / in-process images/s >= 0.95.
 """
 
@@ -99,6 +100,36 @@ def ray_window(config, num_batches: int, per_pass: int) -> dict:
     }
 
 
+def plain_actor_window(config, batches: list[dict], threads: int) -> dict:
+    """The same GeneratorActor as a plain Ray actor (no Ray Data): the cost of Ray core alone.
+
+    Two calls in flight (as Ray Data keeps an actor busy); results fetched by the driver.
+    """
+    import ray
+
+    from stablerep_ray.generation import GeneratorActor
+
+    Remote = ray.remote(num_cpus=config.generator.num_cpus_per_actor)(GeneratorActor)
+    actor = Remote.remote(config.generator)
+    ray.get(actor.__call__.remote(batches[0]))  # warm-up: start, load, first call
+    procs = [p for p in common.ray_processes() if "GeneratorActor" in common.title(p)]
+    cpu0, start = common.cpu_seconds(procs), time.perf_counter()
+    pending = [actor.__call__.remote(b) for b in batches[1:3]]
+    images, nxt = 0, 3
+    while pending:
+        out = ray.get(pending.pop(0))
+        images += images_in(out)
+        if nxt < len(batches):
+            pending.append(actor.__call__.remote(batches[nxt]))
+            nxt += 1
+    elapsed = time.perf_counter() - start
+    cpu = common.cpu_seconds(procs) - cpu0
+    ray.kill(actor)
+    _wait_for_shutdown()
+    return {"images": images, "seconds": elapsed, "images_per_s": images / elapsed, "actor_cpu_seconds": cpu,
+            "load_avg_1m": os.getloadavg()[0]}
+
+
 def _wait_for_shutdown(timeout: float = 20.0) -> None:
     """Let the executor stop its actor before the next in-process window starts."""
     import gc
@@ -123,7 +154,8 @@ def actor_threads(num_cpus: float) -> int:
     return ray.get(threads.remote())
 
 
-def run_config(path: str, overrides: list[str], rounds: int, batches_per_window: int | None) -> dict:
+def run_config(path: str, overrides: list[str], rounds: int, batches_per_window: int | None,
+               plain_actor: bool = True) -> dict:
     import torch
 
     from stablerep_ray.generation import GeneratorActor
@@ -153,7 +185,7 @@ def run_config(path: str, overrides: list[str], rounds: int, batches_per_window:
     load_s = time.perf_counter() - t0
     local = [in_process_window(actor, batches)]
     print(f"  in-process : {local[-1]['images_per_s']:8.1f} images/s", flush=True)
-    remote, ratios = [], []
+    remote, ratios, plain = [], [], []
     for r in range(rounds):
         remote.append(ray_window(config, k, per_pass))
         print(f"  Ray Data   : {remote[-1]['images_per_s']:8.1f} images/s "
@@ -162,11 +194,22 @@ def run_config(path: str, overrides: list[str], rounds: int, batches_per_window:
         print(f"  in-process : {local[-1]['images_per_s']:8.1f} images/s", flush=True)
         ratios.append(remote[-1]["images_per_s"]
                       / statistics.mean([local[-2]["images_per_s"], local[-1]["images_per_s"]]))
+    if plain_actor:
+        plain.append(plain_actor_window(config, batches, threads))
+        print(f"  plain Ray actor (no Ray Data): {plain[-1]['images_per_s']:8.1f} images/s", flush=True)
+        local.append(in_process_window(actor, batches))
+        print(f"  in-process : {local[-1]['images_per_s']:8.1f} images/s", flush=True)
     rate = lambda ws, key="seconds": sum(w["images"] for w in ws) / sum(w[key] for w in ws)  # noqa: E731
     pooled = rate(remote) / rate(local)
     actor_cpu = rate(remote, "actor_cpu_seconds") / rate(local, "cpu_seconds")
     pipeline_cpu = rate(remote, "pipeline_cpu_seconds") / rate(local, "cpu_seconds")
     ratio = statistics.median(ratios)
+    plain_ratio = (plain[0]["images_per_s"] / statistics.mean([local[-2]["images_per_s"], local[-1]["images_per_s"]])
+                   if plain else None)
+    plain_cpu = (plain[0]["images"] / plain[0]["actor_cpu_seconds"]) / rate(local, "cpu_seconds") if plain else None
+    if plain:
+        print(f"  plain Ray actor / in-process: images/s {plain_ratio:.3f}, images per actor CPU-second "
+              f"{plain_cpu:.3f}")
     print(f"  ratio Ray / in-process images/s: median {ratio:.3f} (rounds: "
           f"{', '.join(f'{x:.3f}' for x in ratios)}), pooled {pooled:.3f}  (target >= 0.95)")
     print(f"  images per CPU-second, Ray / in-process: actor {actor_cpu:.3f}, whole pipeline "
@@ -187,6 +230,9 @@ def run_config(path: str, overrides: list[str], rounds: int, batches_per_window:
         "in_process_images_per_s": rate(local),
         "ray_images_per_s": rate(remote),
         "round_ratios": ratios,
+        "plain_actor_windows": plain,
+        "plain_actor_ratio": plain_ratio,
+        "plain_actor_cpu_efficiency_ratio": plain_cpu,
         "ratio": ratio,
         "pooled_ratio": pooled,
         "actor_cpu_efficiency_ratio": actor_cpu,
@@ -203,12 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--rounds", type=int, default=3, help="Ray windows (each between two in-process ones)")
     parser.add_argument("--batches", type=int, help="timed batches per window (default: per backend)")
+    parser.add_argument("--no-plain-actor", action="store_true",
+                        help="skip the plain Ray actor window (Ray core without Ray Data)")
     parser.add_argument("--worker-niceness", type=int, default=0,
                         help="niceness of Ray worker processes (Ray's default: 15; the driver runs at 0)")
     args = parser.parse_args(argv)
 
     common.start_ray(worker_niceness=args.worker_niceness)
-    results = [run_config(c, args.overrides, args.rounds, args.batches) for c in args.config or DEFAULT_CONFIGS]
+    results = [run_config(c, args.overrides, args.rounds, args.batches, not args.no_plain_actor)
+               for c in args.config or DEFAULT_CONFIGS]
     path = common.write_result("generation", {"worker_niceness": args.worker_niceness, "results": results}, MODULE)
     print(f"\ncommand: {common.command_line(MODULE)}")
     for r in results:

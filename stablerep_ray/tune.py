@@ -489,6 +489,7 @@ class ReleaseStaleReservations(ray_tune.Callback):
         self.sweep, self.give_up_s = sweep, give_up_s
         self.pending: dict[str, float] = {}
         self.released: list[tuple[str, float]] = []
+        self._last_check = 0.0
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.pending[trial.trial_id] = time.monotonic()
@@ -497,14 +498,13 @@ class ReleaseStaleReservations(ray_tune.Callback):
         self.pending[trial.trial_id] = time.monotonic()
 
     def on_step_begin(self, iteration, trials, **info):
-        self.sweep_pending()
+        if self.pending and time.monotonic() - getattr(self, "_last_check", 0.0) > 2:
+            self._last_check = time.monotonic()
+            self.sweep_pending()
 
     def on_experiment_end(self, trials, **info):
-        deadline = time.monotonic() + 30
-        while self.pending and time.monotonic() < deadline:
-            self.sweep_pending()
-            if self.pending:
-                time.sleep(1)
+        # No waiting here: once the driver's job ends, Ray removes the job's placement groups.
+        self.sweep_pending()
 
     def sweep_pending(self) -> None:
         from ray.experimental import internal_kv
