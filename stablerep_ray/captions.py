@@ -190,7 +190,8 @@ def _clean(text, cfg: CaptionsConfig, chunk: Chunk) -> str:
     if len(text) > cfg.max_chars:
         raise ConfigError(
             f"{chunk.path}: a caption of {len(text)} characters (> captions.max_chars="
-            f"{cfg.max_chars}); is captions.column right? Shorten it or raise the limit"
+            f"{cfg.max_chars}), while Stable Diffusion's text encoder reads at most 77 tokens (~300 "
+            f"characters); check captions.column, shorten the captions or raise captions.max_chars"
         )
     return text
 

@@ -234,7 +234,8 @@ def parse_data_spec(spec: str) -> tuple[str, str | None]:
 
 def check_data_spec(spec: str) -> tuple[str, str | None]:
     """Cheap preflight (no image decoding, no Ray): parse the spec, check simulator attributes and
-    that local paths exist. Returns ``parse_data_spec(spec)``; raises ``ConfigError``."""
+    that local datasets exist and hold at least two classes. Returns ``parse_data_spec(spec)``;
+    raises ``ConfigError``."""
     train_spec, test_spec = parse_data_spec(spec)
     for item in (train_spec, test_spec):
         if item is None:
@@ -252,11 +253,7 @@ def check_data_spec(spec: str) -> tuple[str, str | None]:
             continue
         if "://" in item:
             continue  # remote: checked when loaded
-        path = Path(item).expanduser()
-        if not path.exists():
-            raise ConfigError(f"eval data {item!r}: path not found; {_SPEC_HELP}")
-        if path.is_file() and path.suffix.lower() != ".parquet":
-            raise ConfigError(f"eval data {item!r}: a single file must be .parquet; {_SPEC_HELP}")
+        _require_two_classes(dataset_class_names(item), item)
     return train_spec, test_spec
 
 
@@ -334,12 +331,12 @@ def _read_bytes(fs, path: str) -> bytes:
         return f.readall()
 
 
-def _load_image_folder(spec, fs, root, files, max_images, image_size, workers) -> LabelledImages:
+def _images_by_class(spec: str, root: str, files: list[str]) -> dict[str, list[str]]:
+    """ImageFolder layout: root/<class>/.../<image> -> {class: [paths]}."""
     by_class: dict[str, list[str]] = collections.defaultdict(list)
     at_root = 0
     for path in files:
-        rel = path[len(root) :].lstrip("/")
-        parts = rel.split("/")
+        parts = path[len(root) :].lstrip("/").split("/")
         if len(parts) < 2:
             at_root += 1
             continue
@@ -349,6 +346,11 @@ def _load_image_folder(spec, fs, root, files, max_images, image_size, workers) -
             f"eval data {spec!r}: {at_root} images lie directly in the root; an ImageFolder needs one "
             f"subdirectory per class (root/<class>/<image>.png)"
         )
+    return by_class
+
+
+def _load_image_folder(spec, fs, root, files, max_images, image_size, workers) -> LabelledImages:
+    by_class = _images_by_class(spec, root, files)
     class_names = sorted(by_class)
     paths = [p for c in class_names for p in sorted(by_class[c])]
     labels = np.asarray([i for i, c in enumerate(class_names) for _ in by_class[c]], dtype=np.int64)
@@ -465,15 +467,74 @@ def _load_simulator(spec: str, max_images: int, image_size) -> LabelledImages:
 def _check_labelled(data: LabelledImages, spec: str) -> LabelledImages:
     if len(data) == 0:
         raise ConfigError(f"eval data {spec!r}: the dataset is empty; {_SPEC_HELP}")
-    present = np.unique(data.labels)
-    if len(present) < 2:
-        name = data.class_names[present[0]] if len(present) else "?"
-        raise ConfigError(
-            f"eval data {spec!r}: only one class ({name!r}) found; classification needs at least two "
-            f"classes -- point at the root that holds one subdirectory per class (not a class "
-            f"directory itself), or at data with several labels"
-        )
+    _require_two_classes([data.class_names[i] for i in np.unique(data.labels)], spec)
     return data
+
+
+def _locate(spec: str):
+    """Resolve a local/URI dataset spec without decoding anything: ``(fs, kind, path, image_files)``
+    with kind "folder" (ImageFolder root) or "parquet" (file or directory)."""
+    import pyarrow.fs as pafs
+
+    fs, path = _filesystem(spec)
+    try:
+        info = fs.get_file_info(path)
+    except Exception as err:  # noqa: BLE001
+        raise ConfigError(f"eval data {spec!r}: cannot access ({err})") from None
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"eval data {spec!r}: path not found; {_SPEC_HELP}")
+    if info.type == pafs.FileType.File:
+        if not path.lower().endswith(".parquet"):
+            raise ConfigError(f"eval data {spec!r}: a single file must be .parquet; {_SPEC_HELP}")
+        return fs, "parquet", path, []
+    root = path.rstrip("/")
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = [
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File and not _is_hidden(i.path[len(root) :].lstrip("/"))
+    ]
+    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if images:
+        return fs, "folder", root, images
+    if any(f.lower().endswith(".parquet") for f in files):
+        return fs, "parquet", root, []
+    raise ConfigError(
+        f"eval data {spec!r}: the directory holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no "
+        f".parquet files -- the dataset is empty; expected root/<class>/<image>.png"
+    )
+
+
+def _require_two_classes(present: list[str], spec: str) -> None:
+    if len(present) < 2:
+        raise ConfigError(
+            f"eval data {spec!r}: only one class ({present[0] if present else '?'!r}) found; "
+            f"classification needs at least two classes -- point at the root that holds one "
+            f"subdirectory per class (not a class directory itself), or at data with several labels"
+        )
+
+
+def dataset_class_names(spec: str) -> list[str]:
+    """The classes present in a local or URI dataset, from file names or the label column only (no
+    image is decoded): the preflight's check that evaluation can work at all."""
+    fs, kind, path, images = _locate(spec)
+    if kind == "folder":
+        return sorted(_images_by_class(spec, path, images))
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    try:
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    except Exception as err:  # noqa: BLE001
+        raise ConfigError(f"eval data {spec!r}: cannot read parquet ({err})") from None
+    label_col = next((c for c in LABEL_COLUMNS if c in dataset.schema.names), None)
+    if label_col is None:
+        raise ConfigError(
+            f"eval data {spec!r}: parquet columns {dataset.schema.names} lack a label column "
+            f"({' / '.join(LABEL_COLUMNS)}); rename it to 'label'"
+        )
+    labels = dataset.to_table(columns=[label_col]).column(0)
+    return sorted(str(v) for v in pc.unique(labels.drop_null()).to_pylist())
 
 
 def load_labelled_images(
@@ -493,38 +554,11 @@ def load_labelled_images(
         raise ConfigError(f"eval data: empty; {_SPEC_HELP}")
     if is_simulator_spec(spec):
         return _check_labelled(_load_simulator(spec, max_images, image_size), spec)
-    import pyarrow.fs as pafs
-
-    fs, path = _filesystem(spec)
-    try:
-        info = fs.get_file_info(path)
-    except Exception as err:  # noqa: BLE001
-        raise ConfigError(f"eval data {spec!r}: cannot access ({err})") from None
-    if info.type == pafs.FileType.NotFound:
-        raise ConfigError(f"eval data {spec!r}: path not found; {_SPEC_HELP}")
-    if info.type == pafs.FileType.File:
-        if not path.lower().endswith(".parquet"):
-            raise ConfigError(f"eval data {spec!r}: a single file must be .parquet; {_SPEC_HELP}")
-        data = _load_parquet(spec, fs, path, max_images, image_size, workers)
-        return _check_labelled(data, spec)
-    root = path.rstrip("/")
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    files = [
-        i.path
-        for i in infos
-        if i.type == pafs.FileType.File and not _is_hidden(i.path[len(root) :].lstrip("/"))
-    ]
-    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-    parquets = [f for f in files if f.lower().endswith(".parquet")]
-    if images:
-        data = _load_image_folder(spec, fs, root, images, max_images, image_size, workers)
-    elif parquets:
-        data = _load_parquet(spec, fs, root, max_images, image_size, workers)
+    fs, kind, path, images = _locate(spec)
+    if kind == "folder":
+        data = _load_image_folder(spec, fs, path, images, max_images, image_size, workers)
     else:
-        raise ConfigError(
-            f"eval data {spec!r}: the directory holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no "
-            f".parquet files -- the dataset is empty; expected root/<class>/<image>.png"
-        )
+        data = _load_parquet(spec, fs, path, max_images, image_size, workers)
     return _check_labelled(data, spec)
 
 

@@ -151,6 +151,12 @@ def test_resume_continues_at_the_saved_step_with_the_optimizer_state(tmp_path):
     saved = torch.load(Path(first.checkpoint.path) / TRAINER_STATE_FILE, weights_only=False)
     assert saved["step"] == 4
     assert read_resume_chunk(config) == saved["resume_chunk"]
+    # A checkpoint whose write was cut short (a crash mid-upload): a directory Train never recorded,
+    # with a truncated model file. The resume must ignore it and start from the committed step 4.
+    torn = Path(first.checkpoint.path).parent / "checkpoint_00000005"
+    torn.mkdir()
+    (torn / "model.pt").write_bytes((Path(first.checkpoint.path) / "model.pt").read_bytes()[:100])
+    assert read_resume_chunk(config) == saved["resume_chunk"]
 
     second = fit(config, captions_per_pass=400)
     final = torch.load(Path(second.checkpoint.path) / TRAINER_STATE_FILE, weights_only=False)
