@@ -93,3 +93,52 @@ def test_training_beats_random_init_on_held_out_knn(tmp_path):
           f"after {STEPS} steps {acc_trained:.3f} (training {train_s:.0f}s)")
     assert np.isfinite(result.metrics["loss"])
     assert acc_trained >= acc_random + MARGIN, (acc_random, acc_trained)
+
+
+@pytest.mark.parametrize("backend", ["simulator", "diffusers"])
+def test_stablerep_plus_trains_end_to_end(tmp_path, backend):
+    """StableRep+ through the whole pipeline: image + text towers trained together on the stream.
+
+    With the diffusers backend the text tower's tokenizer is the generator pipeline's own CLIP
+    tokenizer (loaded from the tiny pipeline directory, the path a real checkpoint takes); with the
+    simulator it is the built-in word tokenizer. The checkpoint must hold a trained text tower and the
+    image-text loss must be logged to TensorBoard.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from stablerep_ray.tiny_pipeline import make_tiny_pipeline
+
+    overrides = [
+        f"output_dir={tmp_path}", f"name=plus-{backend}", "train.objective=stablerep_plus",
+        "train.steps=4", "train.warmup_steps=1", "train.log_every=1", "train.checkpoint_every=4",
+        "train.batch_size=32", "train.max_failures=0", "train.image_grid_every=0", "eval.data=",
+        "model.text.width=32", "model.text.layers=1", "model.text.heads=2", "model.text.context_length=32",
+    ]
+    if backend == "diffusers":
+        pipeline = make_tiny_pipeline(tmp_path / "tiny-sd")
+        overrides += ["generator.backend=diffusers", f"generator.model={pipeline}", "generator.steps=2",
+                      "generator.resolution=64", "generator.output_size=32", "generator.images_per_caption=4",
+                      "generator.captions_per_call=4"]
+    config = load_config(QUICKSTART, overrides)
+    torch.manual_seed(config.train.seed)
+
+    result = fit(config)
+    assert result.error is None, result.error
+    with result.checkpoint.as_directory() as ckpt:
+        trained, saved = load_model(ckpt)
+    assert saved.train.objective == "stablerep_plus" and trained.text is not None
+    initial = build_model(config, trained.text.token_embedding.num_embeddings)
+    moved = [n for n, p in trained.text.named_parameters()
+             if not torch.equal(p, dict(initial.text.named_parameters())[n])]
+    assert moved, "the text tower was not trained"
+    if backend == "diffusers":
+        from transformers import CLIPTokenizer
+
+        assert trained.text.token_embedding.num_embeddings == len(
+            CLIPTokenizer.from_pretrained(pipeline / "tokenizer"))
+
+    events = EventAccumulator(str(config.run_dir / "tensorboard"))
+    events.Reload()
+    image_text = [e.value for e in events.Scalars("loss/image_text")]
+    assert len(image_text) == 4 and all(np.isfinite(image_text)), image_text
+    assert np.isfinite(result.metrics["loss"])
