@@ -250,7 +250,7 @@ def bench_training(args, device, peak) -> list[dict]:
                       + (row["error"] if error else
                          f"{row['images_per_s']:8.1f} images/s"
                          + (f", MFU {row['mfu']:.1%}" if row.get("mfu") is not None else "")), flush=True)
-        del model, optimizer
+        model = optimizer = forward = None  # free before the next variant's model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

@@ -84,9 +84,28 @@ def init_ray(config: Config) -> None:
             check_local_fit(config)
             cpus, gpus = local_resources(config)
             ray.init(num_cpus=int(cpus), num_gpus=int(gpus), include_dashboard=False)
-    resources = ray.cluster_resources()
-    check_fits(config, resources.get("CPU", 0), resources.get("GPU", 0), where="the cluster")
+    check_fits(config, *cluster_capacity())
     configure_data_context()
+
+
+def cluster_capacity() -> tuple[float, float, str]:
+    """(CPUs, GPUs, description) the connected cluster has or can autoscale to.
+
+    With an autoscaler (``ray up``), worker types may start at zero nodes: their ``max_workers``
+    count (as Ray Train's own check does), not only the nodes that are up now.
+    """
+    import ray
+
+    now = ray.cluster_resources()
+    cpus, gpus = now.get("CPU", 0), now.get("GPU", 0)
+    try:
+        most = ray._private.state.state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - no autoscaler config (local Ray, manual `ray start`)
+        most = {}
+    if most.get("CPU", 0) > cpus or most.get("GPU", 0) > gpus:
+        return (max(cpus, most.get("CPU", 0)), max(gpus, most.get("GPU", 0)),
+                "the cluster (autoscaling to its max_workers)")
+    return cpus, gpus, "the cluster"
 
 
 def configure_data_context() -> None:

@@ -784,20 +784,19 @@ def run_sweep(config: Config, resume: bool = False, captions_per_pass: int = 0) 
     if local:  # fail before Ray starts
         concurrency(plan, *local)
 
-    import ray
     from ray import tune
 
     from .config import dump_config
-    from .runtime import init_ray
+    from .runtime import cluster_capacity, init_ray
 
     init_ray(config)
-    resources = ray.cluster_resources()
-    max_concurrent = concurrency(plan, resources.get("CPU", 0), resources.get("GPU", 0), "the cluster")
+    cpus, gpus, where = cluster_capacity()
+    max_concurrent = concurrency(plan, cpus, gpus, where)
     tc = config.tune
     print(
         f"sweep {plan.name}: {plan.num_trials} trials ({len(plan.points)} points x {len(tc.seeds)} seeds), "
         f"{plan.steps} steps x {config.train.batch_size} images each; one trial needs {plan.need_text}; "
-        f"{max_concurrent} at a time on {resources.get('CPU', 0):g} CPUs / {resources.get('GPU', 0):g} GPUs"
+        f"{max_concurrent} at a time on {cpus:g} CPUs / {gpus:g} GPUs"
     )
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     if not resume:

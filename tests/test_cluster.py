@@ -13,14 +13,9 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -28,13 +23,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from local_head import RAY, LocalHead, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_FILES = ["cluster.yaml", "cluster-gcp.yaml"]
 RAY_IMAGE = "rayproject/ray:2.60.0-py311-gpu"
 ROLE = "stablerep/role"
-VENV_BIN = Path(sys.executable).parent
-RAY = VENV_BIN / "ray"
 
 
 def load_yaml(name: str) -> dict:
@@ -218,70 +212,19 @@ def test_job_entry_point_exit_code_and_errors(command, capsys, monkeypatch):
 
 
 # -- a real job submission -----------------------------------------------------------------------------
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _our_processes(marker: str) -> list[int]:
-    """Pids (not ours) whose command line or working directory mentions ``marker`` (our temp dir)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(proc / "cwd")
-        except OSError:
-            continue
-        if marker in cmdline or cwd.startswith(marker):
-            pids.append(int(proc.name))
-    return pids
-
-
-class Head:
-    """A local Ray head on loopback with the dashboard (job server), started with --block so that
-    stopping it stops exactly this instance (never `ray stop`, which kills every Ray on the host)."""
+class Head(LocalHead):
+    """A private head with the dashboard (its job server answers `ray job submit`); node labels as
+    the autoscaler sets them for a node type's `labels:` in cluster.yaml."""
 
     def __init__(self, workdir: Path, labels: dict[str, str]):
-        self.temp_dir = tempfile.mkdtemp(prefix="srt", dir="/tmp")  # short: unix socket paths
-        self.token = secrets.token_hex(32)
-        token_file = workdir / "auth_token"
-        token_file.write_text(self.token)
-        gcs, dash, client, agent, agent_grpc, metrics, env_agent = _free_ports(7)
+        dash, client, agent, agent_grpc, metrics, env_agent = free_ports(6)
         self.url = f"http://127.0.0.1:{dash}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_TOKEN"))}
-        env.update(
-            # `python` in the job's entrypoint must be this venv's python.
-            PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-            # 2.60: token auth. `ray start` turns it on only when a token exists (or RAY_AUTH_MODE=token)
-            # and the job client sends the token only when RAY_AUTH_MODE=token: pin both to a
-            # private token so the test neither depends on nor touches ~/.ray/auth_token.
-            RAY_AUTH_MODE="token",
-            RAY_AUTH_TOKEN_PATH=str(token_file),
-            RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
-            # What the autoscaler does for a node type's `labels:` in cluster.yaml.
-            RAY_OVERRIDE_LABELS=json.dumps(labels),
-            RAY_USAGE_STATS_ENABLED="0",
-            # SIGTERM on `ray start --block` first drains the node (30 s by default): skip it.
-            RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-        )
-        self.env = env
-        self.log = open(workdir / "ray_head.log", "w")
-        self.proc = subprocess.Popen(
-            [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-             "--num-cpus=8", "--num-gpus=0", f"--temp-dir={self.temp_dir}",
-             f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-             f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-             f"--runtime-env-agent-port={env_agent}", "--disable-usage-stats"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        super().__init__(
+            workdir, num_cpus=8, env={"RAY_OVERRIDE_LABELS": json.dumps(labels)},
+            args=("--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+                  f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+                  f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+                  f"--runtime-env-agent-port={env_agent}"),
         )
 
     def request(self, path: str, auth: bool = True) -> tuple[int, str]:
@@ -295,39 +238,7 @@ class Head:
             return 0, str(err)
 
     def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {self.proc.returncode}: {self.tail()}")
-            if self.request("/api/jobs/")[0] == 200:
-                return
-            time.sleep(1)
-        raise TimeoutError(f"dashboard at {self.url} not ready after {timeout}s: {self.tail()}")
-
-    def tail(self, n: int = 40) -> str:
-        self.log.flush()
-        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # --block: the node shuts down its processes
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # our own session only
-                self.proc.wait(timeout=10)
-        for _ in range(20):  # stragglers of this instance only (workers, job driver), by pid
-            pids = _our_processes(self.temp_dir)
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            time.sleep(0.5)
-        self.log.close()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.wait_until(lambda: self.request("/api/jobs/")[0] == 200, timeout, f"dashboard at {self.url}")
 
 
 @pytest.fixture(scope="module")

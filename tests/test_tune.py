@@ -17,19 +17,16 @@ from __future__ import annotations
 import csv
 import json
 import os
-import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
+from local_head import LocalHead, clean_env
 
 from stablerep_ray.config import ConfigError, load_config
 from stablerep_ray.tune import (
@@ -46,8 +43,6 @@ from stablerep_ray.tune import (
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ROOT / "configs" / "sweep-quickstart.yaml"
-VENV_BIN = Path(sys.executable).parent
-RAY = VENV_BIN / "ray"
 
 # Tiny trials: 1 train worker + 1 generator actor + 1 reader + 0.5 driver = 3.5 CPUs.
 TINY = [
@@ -208,12 +203,6 @@ def test_outputs_table_plot_and_best_config(tmp_path, monkeypatch):
 
 
 # -- fail fast before Ray starts ---------------------------------------------------------------------
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    env.update(RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "stablerep_ray.cli", "tune", *args]
 
@@ -241,7 +230,7 @@ def test_too_small_for_one_trial_exits_within_seconds(tmp_path):
     start = time.monotonic()
     proc = subprocess.run(
         _cli(str(SWEEP), *[f"--set={o}" for o in tiny(tmp_path, "cluster.num_cpus=3")]),
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300,
     )
     elapsed = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -256,97 +245,18 @@ def test_too_small_for_one_trial_exits_within_seconds(tmp_path):
 needs_ray = pytest.mark.skipif(os.environ.get("STABLEREP_TUNE_TESTS") == "unit", reason="unit tests only")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _our_processes(marker: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
-            pids.append(int(proc.name))
-    return pids
-
-
-class Head:
-    """Our own Ray head (`ray start --head --block`, private temp dir and token): stopping it stops
-    exactly this instance, never other engineers' Ray (no `ray stop`)."""
-
-    def __init__(self, workdir: Path, num_cpus: float):
-        self.temp_dir = tempfile.mkdtemp(prefix="srtune", dir="/tmp")  # short: unix socket paths
-        token = workdir / "auth_token"
-        token.write_text(secrets.token_hex(32))
-        port = _free_port()
-        self.address = f"127.0.0.1:{port}"
-        # RAY_ADDRESS in the head's environment reaches every worker: with several Ray instances on
-        # one host, Ray's own address auto-detection (State API clients) would otherwise refuse.
-        self.env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_ADDRESS=self.address,
-                        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-                        RAY_raylet_start_wait_time_s="300")  # a loaded shared machine starts slowly
-        self.log = open(workdir / "ray_head.log", "w")
-        self.proc = subprocess.Popen(
-            [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-             f"--num-cpus={num_cpus:g}", "--num-gpus=0", "--include-dashboard=false",
-             f"--temp-dir={self.temp_dir}", "--disable-usage-stats"],
-            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {self.proc.returncode}: {self.tail()}")
-            if "Ray runtime started" in Path(self.log.name).read_text(errors="replace"):
-                return
-            time.sleep(1)
-        raise TimeoutError(f"ray head not ready after {timeout}s: {self.tail()}")
-
-    def tail(self, n: int = 30) -> str:
-        self.log.flush()
-        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # --block: the node shuts down its processes
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # our own session only
-                self.proc.wait(timeout=10)
-        for _ in range(20):  # stragglers of this instance only, by pid
-            pids = _our_processes(self.temp_dir)
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            time.sleep(0.5)
-        self.log.close()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     # Exactly 2 trials fit: 2 x 3.5 = 7 <= 8 < 3 x 3.5.
-    head = Head(tmp_path_factory.mktemp("ray_head"), num_cpus=8)
+    head = LocalHead(tmp_path_factory.mktemp("ray_head"), num_cpus=8, args=("--include-dashboard=false",))
     try:
-        head.wait_ready(timeout=240)
+        head.wait_until(head.started, timeout=240, what="ray head")
         yield head
     finally:
         head.stop()
 
 
-def _start_sweep(head: Head, out: Path, log: Path, resume: bool = False) -> subprocess.Popen:
+def _start_sweep(head: LocalHead, out: Path, log: Path, resume: bool = False) -> subprocess.Popen:
     args = [str(SWEEP), *(["--resume"] if resume else []),
             *[f"--set={o}" for o in tiny(out, "tune.scheduler.type=none")]]
     return subprocess.Popen(
