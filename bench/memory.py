@@ -9,7 +9,8 @@ run do not count in the second) and a fresh run name (no resume). A sampler thre
   generator actors, reader tasks, Train controller and workers), and the same minus shared pages
   (RSS counts the object store's shared-memory pages in every process that maps them);
 * object store: bytes used in plasma (raylet FormatGlobalMemoryInfo: object_store_bytes_used).
-Prints peak(10N) / peak(N) for each (target <= 1.1).
+Prints peak(10N) / peak(N) for each (target <= 1.1). The stream's object-store budget is
+``stream.object_store_mb`` (auto by default; try others with ``--set stream.object_store_mb=512``).
 """
 
 from __future__ import annotations
@@ -81,19 +82,12 @@ class Sampler(threading.Thread):
         }
 
 
-def one_run(path: str, overrides: list[str], steps: int, interval: float, niceness: int,
-            data_limit_mb: float | None = None) -> dict:
+def one_run(path: str, overrides: list[str], steps: int, interval: float, niceness: int) -> dict:
     import ray
 
     from stablerep_ray.train import fit
 
     common.start_ray(worker_niceness=niceness)
-    if data_limit_mb:
-        # Ray Data lets a streaming executor use up to 50 % of the object store; Train copies the driver's
-        # DataContext resource limits into the ingest options of its datasets.
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-            object_store_memory=data_limit_mb * 2**20)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     config = common.load(path, overrides + [
         f"name=bench-mem-{steps}-{stamp}", f"output_dir={common.RESULTS / 'runs'}", f"train.steps={steps}"])
@@ -126,15 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factor", type=int, default=10, help="the long run has factor x N steps")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
     parser.add_argument("--worker-niceness", type=int, default=0, help="Ray worker niceness (Ray's default 15)")
-    parser.add_argument("--data-limit-mb", type=float,
-                        help="cap Ray Data's object-store budget (DataContext execution_options.resource_limits)")
     parser.add_argument("--single", type=int, help=argparse.SUPPRESS)  # internal: one run of this many steps
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.single:
-        stats = one_run(args.config, args.overrides, args.single, args.interval, args.worker_niceness,
-                        args.data_limit_mb)
+        stats = one_run(args.config, args.overrides, args.single, args.interval, args.worker_niceness)
         Path(args.out).write_text(json.dumps(stats))
         return 0
 
@@ -143,8 +134,6 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(tmp) / "stats.json"
             cmd = [sys.executable, "-m", MODULE, "--config", args.config, "--single", str(steps), "--out", str(out),
                    "--interval", str(args.interval), "--worker-niceness", str(args.worker_niceness)]
-            if args.data_limit_mb:
-                cmd += ["--data-limit-mb", str(args.data_limit_mb)]
             for item in args.overrides:
                 cmd += ["--set", item]
             subprocess.run(cmd, check=True, cwd=common.ROOT)
@@ -156,10 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {key: long[key] / short[key] if short[key] else None
               for key in ("peak_rss", "peak_rss_private", "peak_object_store")}
     summary = {"config": args.config, "overrides": args.overrides, "N": args.steps, "factor": args.factor,
-               "data_limit_mb": args.data_limit_mb,
                "short": short, "long": long, "ratios": ratios, "target": 1.1,
                "pass": all(r is not None and r <= 1.1 for r in (ratios["peak_rss"], ratios["peak_object_store"]))}
-    path = common.write_result("memory" + ("-data-limit" if args.data_limit_mb else ""), summary, MODULE)
+    path = common.write_result("memory", summary, MODULE)
     print(f"\ncommand: {common.command_line(MODULE)}")
     for key, label in [("peak_rss", "RSS (driver + Ray processes)"), ("peak_rss_private", "RSS minus shared"),
                        ("peak_object_store", "object store used")]:

@@ -110,6 +110,14 @@ class StreamConfig(_Section):
         1024.0, gt=0, description="Memory cap of each train worker's replay buffer, in MiB."
     )
     prefetch_batches: int = Field(2, ge=0, description="Ray Data batches prefetched by each worker.")
+    object_store_mb: float = Field(
+        0.0,
+        ge=0,
+        description="Object-store budget of the generation stream (Ray Data), in MiB. 0 = auto: "
+        "room for every generator actor's calls in flight and each worker's prefetched batches, "
+        "twice over, at least 64 MiB. Without a cap, generators faster than the trainer run ahead "
+        "into half the object store, which then spills to disk.",
+    )
     log_consumed: bool = Field(
         False,
         description="Append each step's served stream keys and caption ids to "
@@ -400,6 +408,17 @@ class Config(_Section):
     @property
     def captions_per_worker_step(self) -> int:
         return self.train.batch_size // (self.group_size * self.train.num_workers)
+
+    @property
+    def stream_object_store_bytes(self) -> int:
+        """``stream.object_store_mb`` in bytes, or the auto budget (see its description)."""
+        if self.stream.object_store_mb:
+            return int(self.stream.object_store_mb * 2**20)
+        g = self.generator
+        row = g.images_per_caption * g.output_size**2 * 3  # one caption's images, uint8
+        in_flight = g.num_actors * 2 * g.captions_per_call * row  # Ray Data: 2 calls per actor
+        prefetched = self.train.num_workers * (self.stream.prefetch_batches + 2) * self.captions_per_worker_step * row
+        return max(64 * 2**20, 2 * (in_flight + prefetched))
 
     @property
     def run_dir(self) -> Path:

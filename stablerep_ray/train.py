@@ -128,6 +128,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     views = 2 if t.objective == "simclr" else 1
 
     writer = evaluator = None
+    mirror = tensorboard_mirror(config)
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -209,8 +210,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             report[RESUME_CHUNK] = resume_at
             report["stream/rows_repeated_on_resume"] = repeat
             _report_checkpoint(model, optimizer, scheduler, step + 1, resume_at, config, vocab, report, rank)
+            if writer and mirror:
+                writer.flush()
+                mirror_tensorboard(loop_config["tensorboard_dir"], mirror)
     if writer:
         writer.close()
+        if mirror:
+            mirror_tensorboard(loop_config["tensorboard_dir"], mirror)
     if consumed_log:
         consumed_log.close()
 
@@ -259,6 +265,32 @@ def storage_path(config: Config) -> str:
     return config.cluster.storage_path or str(Path(config.output_dir).expanduser().resolve())
 
 
+def tensorboard_mirror(config: Config) -> str | None:
+    """``<storage_path>/<name>/tensorboard`` when the run's storage is not its local output dir.
+
+    Rank 0 writes TensorBoard events on whatever node it runs on; on a cluster that is a trainer
+    node's disk. Copying them next to the checkpoints (bucket or shared file system) at every
+    checkpoint lets users read them from one place, and keeps them when the node goes away.
+    """
+    storage = storage_path(config)
+    if not config.cluster.storage_path or storage == str(Path(config.output_dir).expanduser().resolve()):
+        return None
+    return f"{storage.rstrip('/')}/{config.name}/tensorboard"
+
+
+def mirror_tensorboard(local_dir: str, destination: str) -> None:
+    """Copy the event files to ``destination``; a storage hiccup warns, never stops training."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = (pafs.FileSystem.from_uri(destination) if "://" in destination
+                    else (pafs.LocalFileSystem(), destination))
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    except Exception as err:  # noqa: BLE001 - logs are not worth a failed run
+        print(f"warning: could not copy TensorBoard events to {destination}: {err}", flush=True)
+
+
 def read_resume_chunk(config: Config) -> int:
     """The stream chunk recorded with the run's latest committed checkpoint (0 for a new run).
 
@@ -283,7 +315,9 @@ def make_trainer(config: Config, max_steps: int | None = None, callbacks: list |
                  captions_per_pass: int = 0):
     """A TorchTrainer whose dataset is rebuilt from the last checkpoint's stream position on every
     (re)start of the worker group, so a restart neither skips nor regenerates the whole stream."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    import ray.data
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .generation import build_image_stream
@@ -296,6 +330,13 @@ def make_trainer(config: Config, max_steps: int | None = None, callbacks: list |
         use_gpu=t.use_gpu,
         resources_per_worker={"CPU": t.num_cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
         label_selector=t.label_selector or None,
+    )
+    # The driver's DataContext options (a Tune trial's CPU/GPU share) plus the stream's object-store budget.
+    current = ray.data.DataContext.get_current().execution_options
+    ingest = ExecutionOptions(
+        resource_limits=current.resource_limits.copy(object_store_memory=config.stream_object_store_bytes),
+        preserve_order=current.preserve_order,
+        verbose_progress=current.verbose_progress,
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -316,6 +357,7 @@ def make_trainer(config: Config, max_steps: int | None = None, callbacks: list |
         datasets={
             "train": lambda: build_image_stream(config, read_resume_chunk(config), captions_per_pass)
         },
+        dataset_config=DataConfig(execution_options=ingest),
     )
 
 
