@@ -273,6 +273,8 @@ def test_ray_job_submit_train(ray_head, tmp_path):
         "stream.buffer_mb=64", "eval.data=", f"captions.source={captions}",
         # Train workers go to nodes labelled like cluster.yaml's trainer type (this head is one).
         "train.label_selector={stablerep/role: trainer}",
+        # Shared storage (an s3:// bucket on a real cluster): checkpoints and a TensorBoard mirror.
+        f"cluster.storage_path={tmp_path / 'storage'}",
     ]
     submit = subprocess.run(
         [str(RAY), "job", "submit", "--address", ray_head.url, "--submission-id", submission_id,
@@ -300,9 +302,14 @@ def test_ray_job_submit_train(ray_head, tmp_path):
                            env=ray_head.env, capture_output=True, timeout=60)
     assert status == "SUCCEEDED", f"job {status}; last log lines:\n" + "\n".join(logs.splitlines()[-60:])
 
-    run_dir = out / "quickstart"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "storage" / "quickstart"
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert [c.name for c in checkpoints] == ["checkpoint_00000002", "checkpoint_00000004"]
     assert all((c / "model.pt").is_file() for c in checkpoints)
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((out / "quickstart" / "tensorboard").glob("events.out.tfevents.*"))  # rank 0's node
+    mirrored = EventAccumulator(str(run_dir / "tensorboard"))  # next to the checkpoints
+    mirrored.Reload()
+    assert [e.step for e in mirrored.Scalars("loss/total")] == [0, 1, 2, 3]
     assert f"checkpoints: {checkpoints[-1]}" in logs
