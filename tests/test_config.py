@@ -85,3 +85,9 @@ def test_bad_yaml_names_the_file(tmp_path):
     path.write_text(yaml.safe_dump({"train": {"steps": 0}}))
     with pytest.raises(ConfigError, match="train.steps"):
         load_config(path, ["captions.source=x", "generator.backend=simulator"])
+
+
+def test_readme_reference_is_the_schema():
+    """The README's configuration table is `stablerep-ray config-reference`, not a copy that drifts."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert reference_markdown() in readme, "regenerate it: stablerep-ray config-reference"
