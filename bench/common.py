@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -15,6 +16,22 @@ import stablerep_ray  # noqa: F401  (sets RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 before
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 TINY_PIPELINE = "outputs/tiny-sd"
+
+
+def arg_parser(module: str, doc: str, config: str | None = None, worker_niceness: bool = False
+               ) -> argparse.ArgumentParser:
+    """The options the benchmarks share: --config (when ``config`` is its default), --set and, for
+    those that start Ray themselves, --worker-niceness."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if config:
+        parser.add_argument("--config", default=config)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable)")
+    if worker_niceness:
+        parser.add_argument("--worker-niceness", type=int, default=0,
+                            help="niceness of Ray worker processes (Ray's default: 15; the driver runs at 0)")
+    return parser
 
 
 def command_line(module: str) -> str:

@@ -17,7 +17,6 @@ bottleneck (data-wait fraction >= 0.2; the benchmark says so when it is not).
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import threading
@@ -77,14 +76,10 @@ def steady_state(scalars: dict, batch_size: int, skip: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/tiny-diffusers.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser = common.arg_parser(MODULE, __doc__, config="configs/tiny-diffusers.yaml", worker_niceness=True)
     parser.add_argument("--steps", type=int, default=24, help="training steps")
     parser.add_argument("--skip-logs", type=int, default=2, help="log points excluded as warm-up")
     parser.add_argument("--gen-batches", type=int, default=10, help="timed batches per generator-only window")
-    parser.add_argument("--worker-niceness", type=int, default=0, help="Ray worker niceness (Ray's default 15)")
     args = parser.parse_args(argv)
 
     from stablerep_ray.train import fit

@@ -21,7 +21,6 @@ Ratio target: Ray / in-process images/s >= 0.95.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -243,16 +242,12 @@ def run_config(path: str, overrides: list[str], rounds: int, batches_per_window:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.arg_parser(MODULE, __doc__, worker_niceness=True)
     parser.add_argument("--config", action="append", help=f"config (repeatable; default: {DEFAULT_CONFIGS})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--rounds", type=int, default=3, help="Ray windows (each between two in-process ones)")
     parser.add_argument("--batches", type=int, help="timed batches per window (default: per backend)")
     parser.add_argument("--no-plain-actor", action="store_true",
                         help="skip the plain Ray actor window (Ray core without Ray Data)")
-    parser.add_argument("--worker-niceness", type=int, default=0,
-                        help="niceness of Ray worker processes (Ray's default: 15; the driver runs at 0)")
     args = parser.parse_args(argv)
 
     common.start_ray(worker_niceness=args.worker_niceness)

@@ -21,19 +21,16 @@ about StableRep on Stable Diffusion images (docs/learning.md).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import shlex
 import sys
 import time
-from pathlib import Path
 
-import stablerep_ray  # noqa: F401  (sets RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 before ray is imported)
+from . import common  # also sets RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 before ray is imported
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+ROOT, RESULTS = common.ROOT, common.RESULTS
 MODULE = "bench.learning"
 
 
@@ -82,10 +79,7 @@ def summarise(values: list[float]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/quickstart.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key for every run (repeatable)")
+    p = common.arg_parser(MODULE, __doc__, config="configs/quickstart.yaml")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=0, help="steps per run (0: the config's train.steps)")
     p.add_argument("--objectives", nargs="+", default=["stablerep", "simclr"],

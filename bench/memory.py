@@ -112,14 +112,10 @@ def one_run(path: str, overrides: list[str], steps: int, interval: float, nicene
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/quickstart.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser = common.arg_parser(MODULE, __doc__, config="configs/quickstart.yaml", worker_niceness=True)
     parser.add_argument("--steps", type=int, default=12, help="N")
     parser.add_argument("--factor", type=int, default=10, help="the long run has factor x N steps")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
-    parser.add_argument("--worker-niceness", type=int, default=0, help="Ray worker niceness (Ray's default 15)")
     parser.add_argument("--single", type=int, help=argparse.SUPPRESS)  # internal: one run of this many steps
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

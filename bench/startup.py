@@ -13,7 +13,6 @@ niceness included).
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -76,10 +75,7 @@ def one_run(config: str, overrides: list[str], max_steps: int, index: int) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/quickstart.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser = common.arg_parser(MODULE, __doc__, config="configs/quickstart.yaml")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=3)
     args = parser.parse_args(argv)
