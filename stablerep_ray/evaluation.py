@@ -378,20 +378,26 @@ def _hf_class_names(schema, column: str) -> list[str] | None:
         return None
 
 
-def _load_parquet(spec, fs, path, max_images, image_size, workers) -> LabelledImages:
-    import pyarrow as pa
+def _open_parquet(spec: str, fs, path: str):
+    """(pyarrow dataset, its label column or None): what both the preflight and the loader read."""
     import pyarrow.dataset as pads
 
     try:
         dataset = pads.dataset(path, filesystem=fs, format="parquet")
-        schema = dataset.schema
     except Exception as err:  # noqa: BLE001
         raise ConfigError(f"eval data {spec!r}: cannot read parquet ({err})") from None
+    return dataset, next((c for c in LABEL_COLUMNS if c in dataset.schema.names), None)
+
+
+def _load_parquet(spec, fs, path, max_images, image_size, workers) -> LabelledImages:
+    import pyarrow as pa
+
+    dataset, label_col = _open_parquet(spec, fs, path)
+    schema = dataset.schema
     names = schema.names
     image_col = next((c for c in IMAGE_COLUMNS if c in names), None)
     if image_col is None and "image.bytes" in names:
         image_col = "image.bytes"
-    label_col = next((c for c in LABEL_COLUMNS if c in names), None)
     if image_col is None or label_col is None:
         raise ConfigError(
             f"eval data {spec!r}: parquet columns {names} lack an image-bytes column "
@@ -521,13 +527,8 @@ def dataset_class_names(spec: str) -> list[str]:
     if kind == "folder":
         return sorted(_images_by_class(spec, path, images))
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
-    try:
-        dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    except Exception as err:  # noqa: BLE001
-        raise ConfigError(f"eval data {spec!r}: cannot read parquet ({err})") from None
-    label_col = next((c for c in LABEL_COLUMNS if c in dataset.schema.names), None)
+    dataset, label_col = _open_parquet(spec, fs, path)
     if label_col is None:
         raise ConfigError(
             f"eval data {spec!r}: parquet columns {dataset.schema.names} lack a label column "

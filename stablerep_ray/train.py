@@ -127,9 +127,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     amp_dtype = autocast_dtype(config, device)
     views = 2 if t.objective == "simclr" else 1
 
-    writer = evaluator = None
-    mirror = tensorboard_mirror(config)
+    writer = evaluator = mirror = None
     if rank == 0:
+        mirror = tensorboard_mirror(config)
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(loop_config["tensorboard_dir"], purge_step=start_step or None)
@@ -214,9 +214,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 writer.flush()
                 mirror_tensorboard(loop_config["tensorboard_dir"], mirror)
     if writer:
-        writer.close()
-        if mirror:
-            mirror_tensorboard(loop_config["tensorboard_dir"], mirror)
+        writer.close()  # the last step checkpointed, and mirrored, above
     if consumed_log:
         consumed_log.close()
 
