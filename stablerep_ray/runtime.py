@@ -83,9 +83,26 @@ def init_ray(config: Config) -> None:
         else:
             check_local_fit(config)
             cpus, gpus = local_resources(config)
-            ray.init(num_cpus=int(cpus), num_gpus=int(gpus), include_dashboard=False)
+            ray.init(num_cpus=int(cpus), num_gpus=int(gpus), include_dashboard=False,
+                     runtime_env={"worker_process_setup_hook": "stablerep_ray.runtime.quiet_without_dashboard"})
     check_fits(config, *cluster_capacity())
     configure_data_context()
+
+
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_without_dashboard() -> None:
+    """Worker setup hook of the local Ray, which runs without its dashboard (saves ~2 s and ~0.9 GiB).
+
+    Ray Train's placement-group cleaner asks the state API, which the dashboard serves, every second
+    whether the Train controller is alive, and logs a warning on each failed query (~100 lines in a
+    quickstart). It only matters when a controller dies on a long-lived cluster; a local Ray removes
+    its placement groups when the driver exits.
+    """
+    logging.getLogger(PG_CLEANER_LOGGER).addFilter(
+        lambda record: "Failed to query Ray Train Controller actor state" not in record.getMessage()
+    )
 
 
 def cluster_capacity() -> tuple[float, float, str]:
