@@ -23,7 +23,6 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -141,8 +140,23 @@ def _world(distributed: bool) -> tuple[int, int]:
     return 1, 0
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient for a row onto the rank that owns it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.world, ctx.rank = dist.get_world_size(), dist.get_rank()
+        return _gather(x, ctx.world)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # works on gloo too (reduce_scatter does not)
+        return grad.chunk(ctx.world)[ctx.rank]
+
+
 def _gather_with_grad(x: torch.Tensor, world: int) -> torch.Tensor:
-    return torch.cat(dist_fn.all_gather(x)) if world > 1 else x
+    return _GatherWithGrad.apply(x) if world > 1 else x
 
 
 def _gather(x: torch.Tensor, world: int) -> torch.Tensor:

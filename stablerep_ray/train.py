@@ -188,7 +188,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if (step + 1) % t.log_every == 0 or last:
             elapsed = time.perf_counter() - interval_start
             if rank == 0:
-                writer.add_scalar("loss/total", float(loss), step)
+                writer.add_scalar("loss/total", loss.item(), step)
                 for name, value in metrics.items():
                     writer.add_scalar(name, float(value), step)
                 writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
@@ -199,13 +199,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 writer.add_scalar("stream/groups_admitted", stream.admitted * world, step)
             interval_start, interval_wait, interval_steps = time.perf_counter(), 0.0, 0
 
-        report = {"step": step + 1, "loss": float(loss)}
+        # Reading the loss syncs the GPU: only on steps that evaluate or checkpoint.
+        report = {}
         if evaluator and ((config.eval.every and (step + 1) % config.eval.every == 0) or last):
             report.update(evaluator.evaluate(model, device))
             for name, value in report.items():
-                if name.startswith("eval/"):
-                    writer.add_scalar(name, value, step)
+                writer.add_scalar(name, value, step)
         if (step + 1) % t.checkpoint_every == 0 or last:
+            report.update({"step": step + 1, "loss": loss.item()})
             resume_at, repeat = _resume_point(stream, resume_at, distributed)
             report[RESUME_CHUNK] = resume_at
             report["stream/rows_repeated_on_resume"] = repeat
