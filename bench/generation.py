@@ -32,7 +32,7 @@ from . import common
 MODULE = "bench.generation"
 DEFAULT_CONFIGS = ["configs/quickstart.yaml", "configs/tiny-diffusers.yaml"]
 # Timed batches per window and backend (after the warm-up batch): a few seconds each.
-DEFAULT_BATCHES = {"simulator": 150, "diffusers": 10}
+DEFAULT_BATCHES = {"simulator": 20, "diffusers": 10}
 
 
 def images_in(batch: dict) -> int:

@@ -49,13 +49,17 @@ def preflight(config: Config) -> int:
 
 
 def warn_if_unbalanced(config: Config) -> None:
-    """Say so when the generator/trainer split (by measured or estimated rates) wastes either side."""
-    from .planner import check_balance, per_unit_rates, rates_for
+    """Say so when the generator/trainer split or the generator call size (by measured or estimated
+    rates) wastes throughput."""
+    from .planner import check_balance, check_call_length, per_unit_rates, rates_for
 
     rates = rates_for(config)
-    warning = rates and check_balance(config, *per_unit_rates(config, rates))
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+    if not rates:
+        return
+    actor_rate, worker_rate = per_unit_rates(config, rates)
+    for warning in (check_balance(config, actor_rate, worker_rate), check_call_length(config, actor_rate)):
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -85,7 +85,10 @@ class GeneratorConfig(_Section):
     )
     num_cpus_per_actor: float = Field(1.0, ge=0, description="CPUs per generator actor.")
     captions_per_call: int = Field(
-        4, gt=0, description="Captions per generator call (batch = captions_per_call x n images)."
+        4,
+        gt=0,
+        description="Captions per generator call (batch = captions_per_call x n images); one call is one "
+        "stream block, so keep a call >= 0.5 s (`stablerep-ray plan` warns when shorter).",
     )
     channels_last: bool = Field(True, description="channels_last memory format for UNet and VAE (GPU).")
     compile: bool = Field(False, description="torch.compile the UNet (GPU; warm-up on the first call).")

@@ -14,6 +14,7 @@ from stablerep_ray.planner import (
     Budget,
     best_split,
     check_balance,
+    check_call_length,
     cost_model_ratio,
     estimate_rates,
     evaluate_split,
@@ -192,3 +193,20 @@ def test_saved_measurement_is_reused(tmp_path):
     # a different config (other batch per worker) does not match the saved entry
     other = load_config(QUICKSTART, ["train.batch_size=256"])
     assert rates_for(other, results=tmp_path) is None
+
+
+def test_short_generator_calls_are_flagged(tmp_path):
+    """A call of 32 captions x 8 images at 2,400 images/s takes ~107 ms: Ray Data's per-block cost shows."""
+    short = load_config(QUICKSTART, ["generator.captions_per_call=32"])
+    warning = check_call_length(short, gen_rate=2400.0)
+    assert warning.startswith("short generator calls") and "~107 ms" in warning
+    assert "generator.captions_per_call >= 256" in warning  # 0.5 s x 2400 / 8 = 150, next power of 2
+    assert check_call_length(load_config(QUICKSTART), gen_rate=2400.0) is None  # the shipped 256
+    assert check_call_length(paper(), gen_rate=6.0) is None  # SD calls take seconds
+
+    from stablerep_ray.planner import _device_name
+
+    key = fingerprint(short, _device_name(False))
+    (tmp_path / "planner-rates.json").write_text(json.dumps(
+        {key: {"config": "quickstart", "generator": 2400.0, "trainer": 60.0, "time": "then"}}))
+    assert "and short generator calls" in plan(short, gpus=8, results=tmp_path)
