@@ -1,10 +1,14 @@
 """Memory over run length: peaks at N and 10N training steps should be the same (bounded stream).
 
-    uv run python -m bench.memory                       # quickstart, N = 12 -> 12 and 120 steps
+    uv run python -m bench.memory                       # quickstart, N = 80 -> 80 and 800 steps (~8 min)
     uv run python -m bench.memory --steps 20 --factor 10
 
-Each run is a separate driver process with its own private Ray session (so idle workers of the first
-run do not count in the second) and a fresh run name (no resume). A sampler thread records, every --interval seconds:
+Both runs are the same 10N-step run (train.steps = 10N: the same stream and learning-rate schedule);
+the first is stopped after N steps (``--max-steps``). N must cover the stream's fill-up: a generator
+faster than the trainer runs ahead until Ray Data's backpressure holds it, which takes ~50 quickstart
+steps. Each run is a separate driver process with its own private Ray session (so idle workers of the
+first run do not count in the second) and a fresh run name (no resume). A sampler thread records,
+every --interval seconds:
 * resident memory: RSS summed over the driver and every process of its Ray session (raylet, GCS,
   generator actors, reader tasks, Train controller and workers), and the same minus shared pages
   (RSS counts the object store's shared-memory pages in every process that maps them);
@@ -82,7 +86,7 @@ class Sampler(threading.Thread):
         }
 
 
-def one_run(path: str, overrides: list[str], steps: int, interval: float, niceness: int) -> dict:
+def one_run(path: str, overrides: list[str], steps: int, total_steps: int, interval: float, niceness: int) -> dict:
     import ray
 
     from stablerep_ray.train import fit
@@ -90,12 +94,12 @@ def one_run(path: str, overrides: list[str], steps: int, interval: float, nicene
     common.start_ray(worker_niceness=niceness)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     config = common.load(path, overrides + [
-        f"name=bench-mem-{steps}-{stamp}", f"output_dir={common.RESULTS / 'runs'}", f"train.steps={steps}"])
+        f"name=bench-mem-{steps}-{stamp}", f"output_dir={common.RESULTS / 'runs'}", f"train.steps={total_steps}"])
     per_pass = common.captions_per_pass(config)
     sampler = Sampler(interval)
     sampler.start()
     t0 = time.perf_counter()
-    result = fit(config, captions_per_pass=per_pass)
+    result = fit(config, max_steps=steps, captions_per_pass=per_pass)
     wall = time.perf_counter() - t0
     stats = sampler.stop()
     ray.shutdown()
@@ -113,7 +117,7 @@ def one_run(path: str, overrides: list[str], steps: int, interval: float, nicene
 
 def main(argv: list[str] | None = None) -> int:
     parser = common.arg_parser(MODULE, __doc__, config="configs/quickstart.yaml", worker_niceness=True)
-    parser.add_argument("--steps", type=int, default=12, help="N")
+    parser.add_argument("--steps", type=int, default=80, help="N")
     parser.add_argument("--factor", type=int, default=10, help="the long run has factor x N steps")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
     parser.add_argument("--single", type=int, help=argparse.SUPPRESS)  # internal: one run of this many steps
@@ -121,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.single:
-        stats = one_run(args.config, args.overrides, args.single, args.interval, args.worker_niceness)
+        stats = one_run(args.config, args.overrides, args.single, args.steps * args.factor, args.interval,
+                        args.worker_niceness)
         Path(args.out).write_text(json.dumps(stats))
         return 0
 
@@ -129,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "stats.json"
             cmd = [sys.executable, "-m", MODULE, "--config", args.config, "--single", str(steps), "--out", str(out),
+                   "--steps", str(args.steps), "--factor", str(args.factor),
                    "--interval", str(args.interval), "--worker-niceness", str(args.worker_niceness)]
             for item in args.overrides:
                 cmd += ["--set", item]
