@@ -106,13 +106,17 @@ def load_pipeline(cfg: GeneratorConfig):
     return pipe, device
 
 
-def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, size, size, 3) uint8 with antialiased bilinear resampling."""
-    if images.shape[1] == size and images.shape[2] == size:
-        return images
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+def to_stored_uint8(images: torch.Tensor, size: int) -> np.ndarray:
+    """(N, 3, H, W) float in [0, 1] -> (N, size, size, 3) uint8 on the host.
+
+    Resized (antialiased bilinear) on the pipeline's device before the copy: on a GPU the host then
+    receives ``(size / H)^2`` of the bytes and the actor's CPU does no image work.
+    """
+    x = images.float()
+    if x.shape[-2:] != (size, size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 class DiffusersGenerator:
@@ -144,8 +148,7 @@ class DiffusersGenerator:
                 output_type="pt",
             )
         # (B*n, 3, H, W) float in [0, 1], caption-major (diffusers repeats each prompt n times).
-        pixels = (out.images.float().clamp(0, 1) * 255).round().to(torch.uint8)
-        images = resize_uint8(pixels.permute(0, 2, 3, 1).cpu().numpy(), cfg.output_size)
+        images = to_stored_uint8(out.images, cfg.output_size)
         images = images.reshape(len(captions), n, *images.shape[1:])
         num_images = np.full(len(captions), n, dtype=np.int32)
         flagged = getattr(out, "nsfw_content_detected", None)
