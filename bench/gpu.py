@@ -3,6 +3,7 @@
     uv run python -m bench.gpu                          # full sweep (a few minutes on an H100)
     uv run python -m bench.gpu --compile                # + torch.compile'd UNet / ViT (slow warm-up)
     uv run python -m bench.gpu --quick                  # batch 8 / 128 only
+    uv run python -m bench.gpu --quick --options        # + each speed option alone vs the default
     uv run python -m bench.gpu --smoke-cpu              # tiny shapes on CPU: checks the code path only
 
 Only meaningful on a GPU: without CUDA it prints a message and exits 0 (nothing written).
@@ -146,46 +147,98 @@ def generate_fn(unet, vae, scheduler, batch: int, steps: int, resolution: int, d
     return run
 
 
-def bench_generation(args, device, dtype, peak) -> list[dict]:
+def measure_generation(unet, vae, scheduler, *, batch: int, steps: int, args, device, dtype, peak,
+                       channels_last: bool, compiled: bool, vae_slicing: bool) -> dict:
+    """One point: images/s of UNet + VAE at this batch and step count, and its fraction of peak."""
     import torch
 
     from stablerep_ray.planner import generation_tflop
 
-    rows = []
     resolution = 64 if args.smoke_cpu else 512
     context = 32 if args.smoke_cpu else 768
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    fn = generate_fn(unet, vae, scheduler, batch, steps, resolution, dtype, device, channels_last, context)
+    seconds, error = oom_guard(lambda: timed(fn, device, warmup=2 if compiled else 1, iters=args.iters))
+    row = {"steps": steps, "batch": batch, "resolution": resolution, "guidance": True, "compile": compiled,
+           "channels_last": channels_last, "vae_slicing": vae_slicing, "dtype": str(dtype).removeprefix("torch.")}
+    if error:
+        row["error"] = error
+    else:
+        f = generation_tflop(steps, resolution)
+        row.update(images_per_s=batch / seconds, seconds_per_batch=seconds, image_steps_per_s=batch * steps / seconds,
+                   tflops=batch / seconds * f, fraction_of_peak=batch / seconds * f / peak if peak else None)
+    if device.type == "cuda":
+        row["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    frac = row.get("fraction_of_peak")
+    print(f"  SD-1.5 {steps:2d} steps batch {batch:3d} compile={compiled!s:5} {row['dtype']} "
+          f"channels_last={channels_last!s:5} vae_slicing={vae_slicing!s:5}: "
+          + (row["error"] if error else
+             f"{row['images_per_s']:7.2f} images/s, {row['tflops']:6.1f} TFLOP/s"
+             + (f" = {frac:.1%} of peak" if frac is not None else "")
+             + (f", {row['max_memory_gib']:.1f} GiB" if "max_memory_gib" in row else "")), flush=True)
+    return row
+
+
+def _release(device) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_generation(args, device, dtype, peak) -> list[dict]:
+    rows = []
+    channels_last = not args.no_channels_last
     for compiled in ([False, True] if args.compile else [False]):
-        unet, vae, scheduler = build_sd(device, dtype, args.smoke_cpu, not args.no_channels_last, compiled,
-                                        args.vae_slicing)
+        unet, vae, scheduler = build_sd(device, dtype, args.smoke_cpu, channels_last, compiled, args.vae_slicing)
         for steps in args.steps:
             for batch in args.gen_batches:
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                fn = generate_fn(unet, vae, scheduler, batch, steps, resolution, dtype, device,
-                                 not args.no_channels_last, context)
-                seconds, error = oom_guard(lambda: timed(fn, device, warmup=2 if compiled else 1, iters=args.iters))
-                row = {"steps": steps, "batch": batch, "resolution": resolution, "guidance": True,
-                       "compile": compiled, "channels_last": not args.no_channels_last,
-                       "vae_slicing": args.vae_slicing, "dtype": str(dtype).removeprefix("torch.")}
-                if error:
-                    row["error"] = error
-                else:
-                    f = generation_tflop(steps, resolution)
-                    row.update(images_per_s=batch / seconds, seconds_per_batch=seconds,
-                               image_steps_per_s=batch * steps / seconds,
-                               tflops=batch / seconds * f,
-                               fraction_of_peak=batch / seconds * f / peak if peak else None)
-                if device.type == "cuda":
-                    row["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                rows.append(row)
-                frac = row.get("fraction_of_peak")
-                print(f"  SD-1.5 {steps:2d} steps batch {batch:3d} compile={compiled!s:5}: "
-                      + (row["error"] if error else
-                         f"{row['images_per_s']:7.2f} images/s, {row['tflops']:6.1f} TFLOP/s"
-                         + (f" = {frac:.1%} of peak" if frac is not None else "")), flush=True)
+                rows.append(measure_generation(unet, vae, scheduler, batch=batch, steps=steps, args=args,
+                                               device=device, dtype=dtype, peak=peak, channels_last=channels_last,
+                                               compiled=compiled, vae_slicing=args.vae_slicing))
         del unet, vae
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _release(device)
+    return rows
+
+
+# Each generator speed option alone against the default (bf16, SDPA, channels_last, batched VAE decode).
+OPTIONS = [
+    ("default", {}),
+    ("fp16", {"dtype": "fp16"}),
+    ("no channels_last", {"channels_last": False}),
+    ("VAE slicing", {"vae_slicing": True}),
+    ("torch.compile", {"compiled": True}),
+]
+
+
+def bench_options(args, device, peak) -> list[dict]:
+    """One option changed at a time, same steps and batch: what each option is worth on this GPU."""
+    import torch
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    rows = []
+    for label, change in OPTIONS:
+        if change.get("dtype") and args.smoke_cpu:
+            continue  # CPU half-precision convolutions say nothing about a GPU
+        opts = {"dtype": "fp32" if args.smoke_cpu else "bf16", "channels_last": True, "vae_slicing": False,
+                "compiled": False, **change}
+        dtype = dtypes[opts["dtype"]]
+        unet, vae, scheduler = build_sd(device, dtype, args.smoke_cpu, opts["channels_last"], opts["compiled"],
+                                        opts["vae_slicing"])
+        row = measure_generation(unet, vae, scheduler, batch=args.options_batch, steps=args.steps[0], args=args,
+                                 device=device, dtype=dtype, peak=peak, channels_last=opts["channels_last"],
+                                 compiled=opts["compiled"], vae_slicing=opts["vae_slicing"])
+        rows.append({"option": label, **row})
+        del unet, vae
+        _release(device)
+    base = rows[0].get("images_per_s")
+    for row in rows:
+        if base and "images_per_s" in row:
+            row["vs_default"] = row["images_per_s"] / base
     return rows
 
 
@@ -271,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--quick", action="store_true", help="batch 8 (generation) and 132 (training) only")
+    parser.add_argument("--options", action="store_true",
+                        help="also each speed option alone vs the default (fp16, channels_last off, VAE slicing, "
+                             "torch.compile) at the first --steps and --options-batch")
+    parser.add_argument("--options-batch", type=int, default=8)
     parser.add_argument("--smoke-cpu", action="store_true",
                         help="toy shapes on CPU, to check the script (writes gpu-smoke.json, not gpu.json)")
     args = parser.parse_args(argv)
@@ -296,13 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     peak = None if args.smoke_cpu else peak_for(name, args.peak_tflops)
     print(f"device: {name}; bf16 peak {peak or 'unknown (use --peak-tflops)'} TFLOP/s", flush=True)
     gen_rows = [] if args.skip_generation else bench_generation(args, device, dtype, peak)
+    option_rows = bench_options(args, device, peak) if args.options else []
     train_rows = [] if args.skip_training else bench_training(args, device, peak)
 
     def best(rows, **match):
         rows = [r for r in rows if "images_per_s" in r and all(r.get(k) == v for k, v in match.items())]
         return max(rows, key=lambda r: r["images_per_s"]) if rows else None
 
-    summary = {"device": name, "peak_bf16_tflops": peak, "sd15": gen_rows,
+    summary = {"device": name, "peak_bf16_tflops": peak, "sd15": gen_rows, "sd15_options": option_rows,
                "vit_b16": [r for r in train_rows if r["variant"] == "train_step"],
                "vit_b16_model_only": [r for r in train_rows if r["variant"] == "model_only"],
                "versions": {"torch": torch.__version__, "cuda": torch.version.cuda}}
@@ -319,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         mfu = f", MFU {b['mfu']:.1%}" if b.get("mfu") is not None else ""
         print(f"  ViT-B/16 train step (augment + fwd + bwd + AdamW): best {b['images_per_s']:.1f} images/s per GPU "
               f"(batch {b['batch']}){mfu}")
+    for row in option_rows:
+        print(f"  option {row['option']:<16}: " + (row.get("error") or f"{row['images_per_s']:.2f} images/s, "
+                                                  f"x{row['vs_default']:.2f} vs default"))
     g20, t = best(gen_rows, steps=20), b
     if g20 and t:
         print(f"  -> measured generator GPUs per trainer GPU at n = m, R = 9: "
