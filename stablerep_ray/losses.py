@@ -150,7 +150,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # autograd owns the incoming buffer
         dist.all_reduce(grad)  # works on gloo too (reduce_scatter does not)
         return grad.chunk(ctx.world)[ctx.rank]
 
