@@ -46,7 +46,7 @@ PEAK_BF16_TFLOPS = {"H100": 990.0, "H200": 990.0, "A100": 312.0}
 ASSUMED_UTILISATION = 0.40  # fraction of bf16 peak assumed for BOTH sides in the estimate
 WAIT_TARGET = 0.05  # the trainer's data-wait fraction the plan keeps below
 IDLE_WARNING = 0.10  # check_balance: warn when generators would idle this fraction or more
-# check_call_length: Ray Data spends a fixed ~25 ms of CPU per block (driver, raylet, map worker) on a
+# check_call_length: Ray Data spends a fixed ~25 ms of CPU per block (executor, raylet, consumer) on a
 # 2-core machine; calls of >= 0.5 s keep that under 5 % (bench.generation: 0.11 s calls 0.69, 0.45 s
 # calls 0.95, 0.9 s calls 1.08 of the in-process rate).
 MIN_CALL_SECONDS = 0.5

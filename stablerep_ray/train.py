@@ -199,7 +199,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 writer.add_scalar("stream/groups_admitted", stream.admitted * world, step)
             interval_start, interval_wait, interval_steps = time.perf_counter(), 0.0, 0
 
-        # Reading the loss syncs the GPU: only on steps that evaluate or checkpoint.
+        # Reading the loss syncs the GPU, so the report is built only on steps that evaluate or checkpoint.
         report = {}
         if evaluator and ((config.eval.every and (step + 1) % config.eval.every == 0) or last):
             report.update(evaluator.evaluate(model, device))
