@@ -124,14 +124,14 @@ def ensure_tiny_pipeline(config) -> None:
         return
     path = Path(gen.model)
     if not (path / "model_index.json").is_file() and gen.model.rstrip("/").endswith("tiny-sd"):
-        from stablerep_ray.tiny_pipeline import make_tiny_pipeline
+        from stablerep_ray.tools.tiny_pipeline import make_tiny_pipeline
 
         print(f"building the tiny offline pipeline: stablerep-ray make-tiny-pipeline {gen.model}")
         make_tiny_pipeline(path)
 
 
 def captions_per_pass(config) -> int:
-    from stablerep_ray.captions import inspect_captions
+    from stablerep_ray.captions.files import inspect_captions
 
     return inspect_captions(config.captions).captions
 
@@ -144,7 +144,7 @@ def caption_batches(config, num_batches: int) -> list[dict]:
     """
     import numpy as np
 
-    from stablerep_ray.captions import plan_chunks, read_chunk
+    from stablerep_ray.captions.files import plan_chunks, read_chunk
 
     chunks = plan_chunks(config.captions)
     size = config.generator.captions_per_call

@@ -5,7 +5,7 @@
 
 One run, one Ray session: (1) generator-only images/s through Ray Data (bench.generation's method:
 ``build_image_stream`` consumed by the driver, warm-up excluded), (2) a full training run
-(``stablerep_ray.train.fit``) whose rank-0 TensorBoard scalars give the steady-state trained
+(``stablerep_ray.training.fit``) whose rank-0 TensorBoard scalars give the steady-state trained
 images/s and ``throughput/data_wait_fraction``, (3) generator-only again (bracketing load drift).
 
 Units: the trainer trains ``batch`` encoder inputs per step but consumes only
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-batches", type=int, default=10, help="timed batches per generator-only window")
     args = parser.parse_args(argv)
 
-    from stablerep_ray.train import fit
+    from stablerep_ray.training.trainer import fit
 
     common.start_ray(worker_niceness=args.worker_niceness)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -59,7 +59,7 @@ def ray_window(config, num_batches: int, per_pass: int) -> dict:
     """images/s of build_image_stream consumed by the driver, from the first batch on."""
     import psutil
 
-    from stablerep_ray.generation import build_image_stream
+    from stablerep_ray.generation.stage import build_image_stream
 
     ds = build_image_stream(config, 0, per_pass)
     t0 = time.perf_counter()
@@ -106,7 +106,7 @@ def plain_actor_window(config, batches: list[dict], threads: int) -> dict:
     """
     import ray
 
-    from stablerep_ray.generation import GeneratorActor
+    from stablerep_ray.generation.stage import GeneratorActor
 
     Remote = ray.remote(num_cpus=config.generator.num_cpus_per_actor)(GeneratorActor)
     actor = Remote.remote(config.generator)
@@ -157,7 +157,7 @@ def run_config(path: str, overrides: list[str], rounds: int, batches_per_window:
                plain_actor: bool = True) -> dict:
     import torch
 
-    from stablerep_ray.generation import GeneratorActor
+    from stablerep_ray.generation.stage import GeneratorActor
 
     base = common.load(path, overrides)
     k = batches_per_window or DEFAULT_BATCHES[base.generator.backend]

@@ -152,7 +152,7 @@ def measure_generation(unet, vae, scheduler, *, batch: int, steps: int, args, de
     """One point: images/s of UNet + VAE at this batch and step count, and its fraction of peak."""
     import torch
 
-    from stablerep_ray.planner import generation_tflop
+    from stablerep_ray.tools.planner import generation_tflop
 
     resolution = 64 if args.smoke_cpu else 512
     context = 32 if args.smoke_cpu else 768
@@ -247,12 +247,12 @@ def bench_training(args, device, peak) -> list[dict]:
     import numpy as np
     import torch
 
-    from stablerep_ray.augment import BatchAugment
+    from stablerep_ray.augment.batch import BatchAugment
     from stablerep_ray.config import load_config
-    from stablerep_ray.losses import multi_positive_loss
-    from stablerep_ray.model import build_model
-    from stablerep_ray.planner import VIT_B16_TRAIN_TFLOP
-    from stablerep_ray.train import build_optimizer
+    from stablerep_ray.losses.contrastive import multi_positive_loss
+    from stablerep_ray.models import build_model
+    from stablerep_ray.tools.planner import VIT_B16_TRAIN_TFLOP
+    from stablerep_ray.training import build_optimizer
 
     overrides = ["model.name=vit_tiny_patch16_224", "model.image_size=32", "model.head_hidden_dim=64",
                  "generator.output_size=48"] if args.smoke_cpu else []

@@ -3,7 +3,7 @@
     uv run python -m bench.learning                       # 3 seeds x {stablerep, simclr} + random init
     uv run python -m bench.learning --seeds 0 1 2 3 4 --steps 150 --attributes color shape
 
-Every run goes through the real pipeline (``stablerep_ray.train.fit`` on a local Ray: simulator
+Every run goes through the real pipeline (``stablerep_ray.training.fit`` on a local Ray: simulator
 generator actor pool -> streaming_split -> 2 DDP workers), from ``configs/quickstart.yaml`` with
 only the objective, the seed and the run name changed. Equal budget means equal *encoder views per
 step* (``train.batch_size``) and equal steps: StableRep sees ``batch_size / m`` captions with ``m``
@@ -38,7 +38,7 @@ def knn_scorer(attributes: list[str], per_class: int, size: int, image_size: int
                temperature: float = 0.07):
     """``score(model) -> {attribute: kNN top-1}`` on the simulator's held-out sets (rendered once)."""
     from stablerep_ray.evaluation import extract_features, knn_accuracy
-    from stablerep_ray.simulator import render_eval_set
+    from stablerep_ray.tools.simulator import render_eval_set
 
     sets = {}
     for attr in attributes:
@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from stablerep_ray.config import load_config
-    from stablerep_ray.model import build_model, load_model
+    from stablerep_ray.models import build_model, load_model
     from stablerep_ray.runtime import configure_data_context
-    from stablerep_ray.train import fit
+    from stablerep_ray.training.trainer import fit
 
     base = load_config(args.config, args.overrides)
     steps = args.steps or base.train.steps
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in runs if r["objective"] == objective]
         summary[objective] = {a: summarise([r["knn_top1"][a] for r in rows]) for a in attributes}
 
-    chance = {a: 1.0 / len(__import__("stablerep_ray.simulator", fromlist=["ATTRIBUTES"]).ATTRIBUTES[a])
+    chance = {a: 1.0 / len(__import__("stablerep_ray.tools.simulator", fromlist=["ATTRIBUTES"]).ATTRIBUTES[a])
               for a in attributes}
     print(f"\nkNN top-1 on the simulator's held-out set, mean +- std over seeds {args.seeds} "
           f"({steps} steps x {base.train.batch_size} encoder views)")

@@ -89,7 +89,7 @@ class Sampler(threading.Thread):
 def one_run(path: str, overrides: list[str], steps: int, total_steps: int, interval: float, niceness: int) -> dict:
     import ray
 
-    from stablerep_ray.train import fit
+    from stablerep_ray.training.trainer import fit
 
     common.start_ray(worker_niceness=niceness)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -30,15 +30,14 @@ def preflight(config: Config) -> int:
 
     Returns the number of captions seen in one pass (a lower bound for large sources)."""
     from .captions import inspect_captions
-    from .generation import check_pipeline_path
+    from .generation import generator_class
     from .runtime import check_local_fit
 
     stats = inspect_captions(config.captions)
     more = "" if stats.complete else "+ (first rows checked)"
     print(f"captions: {stats.captions}{more} from {config.captions.source}"
           + (f", {stats.blanks} blank rows skipped" if stats.blanks else ""))
-    if config.generator.backend == "diffusers":
-        check_pipeline_path(config.generator.model)
+    generator_class(config.generator).preflight(config.generator)
     if config.eval.data:
         from .evaluation import check_data_spec
 
@@ -51,7 +50,7 @@ def preflight(config: Config) -> int:
 def warn_if_unbalanced(config: Config) -> None:
     """Say so when the generator/trainer split or the generator call size (by measured or estimated
     rates) wastes throughput."""
-    from .planner import check_balance, check_call_length, per_unit_rates, rates_for
+    from .tools.planner import check_balance, check_call_length, per_unit_rates, rates_for
 
     rates = rates_for(config)
     if not rates:
@@ -64,7 +63,7 @@ def warn_if_unbalanced(config: Config) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .runtime import init_ray
-    from .train import fit
+    from .training.trainer import fit
 
     config = load_from_args(args)
     captions_per_pass = preflight(config)
@@ -85,7 +84,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .planner import plan
+    from .tools.planner import plan
 
     print(plan(load_from_args(args), gpus=args.gpus, measure=args.measure))
     return 0
@@ -101,14 +100,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_pipeline(args: argparse.Namespace) -> int:
-    from .tiny_pipeline import make_tiny_pipeline
+    from .tools.tiny_pipeline import make_tiny_pipeline
 
     print(f"saved a tiny random Stable Diffusion pipeline to {make_tiny_pipeline(args.directory, args.seed)}")
     return 0
 
 
 def cmd_make_captions(args: argparse.Namespace) -> int:
-    from .simulator import make_captions
+    from .tools.simulator import make_captions
 
     path = Path(args.path)
     path.parent.mkdir(parents=True, exist_ok=True)

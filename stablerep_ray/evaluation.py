@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
-from .model import MODEL_FILE, load_model
+from .models import MODEL_FILE, load_model
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def check_data_spec(spec: str) -> tuple[str, str | None]:
         if item is None:
             continue
         if is_simulator_spec(item):
-            from . import simulator
+            from .tools import simulator
 
             attribute, _, _ = _parse_simulator(item)
             attribute = getattr(simulator, "_ALIASES", {}).get(attribute, attribute)
@@ -453,7 +453,7 @@ def _load_parquet(spec, fs, path, max_images, image_size, workers) -> LabelledIm
 
 
 def _load_simulator(spec: str, max_images: int, image_size) -> LabelledImages:
-    from . import simulator
+    from .tools import simulator
 
     attribute, split, per_class = _parse_simulator(spec)
     try:

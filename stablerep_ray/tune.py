@@ -357,7 +357,7 @@ def _tune_trial_dirname(trial) -> str:
 
 def _completed(config: Config) -> dict | None:
     """The last report of a Train run that already reached its final step (None otherwise)."""
-    from .train import storage_path
+    from .storage import storage_path
 
     snapshot = Path(storage_path(config)) / config.name / "checkpoint_manager_snapshot.json"
     if "://" in storage_path(config) or not snapshot.is_file():
@@ -375,7 +375,7 @@ def _run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
 
     from .config import dump_config
     from .runtime import Need, configure_data_context
-    from .train import make_trainer
+    from .training.trainer import make_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
     trial_dir = Path(plan["sweep_dir"]) / trial_dirname(trial_id, params)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from stablerep_ray.augment import (
+from stablerep_ray.augment.batch import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BatchAugment,

@@ -17,8 +17,8 @@ from PIL import Image
 
 from stablerep_ray import evaluation as ev
 from stablerep_ray.config import ConfigError, from_dict
-from stablerep_ray.model import MODEL_FILE, build_model, save_model
-from stablerep_ray.simulator import render_eval_set, write_image_folder
+from stablerep_ray.models import MODEL_FILE, build_model, save_model
+from stablerep_ray.tools.simulator import render_eval_set, write_image_folder
 
 TINY = {
     "name": "vit_tiny_patch16_224",
@@ -283,7 +283,7 @@ def test_linear_probe_on_digits_pixels():
 
 # ------------------------------------------------------------------------------------- features
 def test_extract_features_matches_model_and_restores_mode():
-    from stablerep_ray.augment import eval_transform
+    from stablerep_ray.augment.batch import eval_transform
 
     torch.manual_seed(0)
     model = build_model(_config()).train()

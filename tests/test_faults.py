@@ -15,8 +15,9 @@ from ray._private.state import actors
 
 from stablerep_ray.config import from_dict
 from stablerep_ray.runtime import configure_data_context
-from stablerep_ray.simulator import make_captions
-from stablerep_ray.train import TRAINER_STATE_FILE, fit, read_resume_chunk
+from stablerep_ray.tools.simulator import make_captions
+from stablerep_ray.training.checkpoint import TRAINER_STATE_FILE, read_resume_chunk
+from stablerep_ray.training.trainer import fit
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 CAPTIONS = 10  # a tiny source: the 40-step run spans ~16 passes, i.e. ~16 stream chunks

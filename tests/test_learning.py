@@ -1,5 +1,5 @@
 """The pipeline *learns*: a short real training run (simulator actor pool -> Ray Data stream -> 2 DDP
-workers, ``stablerep_ray.train.fit``) beats its own random initialisation on held-out data.
+workers, ``stablerep_ray.training.fit``) beats its own random initialisation on held-out data.
 
 The settings are the quickstart's (``configs/quickstart.yaml``: model, image size, guidance, crop
 scale, m, lr) with fewer steps, so this test also guards the quickstart's claim that it learns.
@@ -17,10 +17,10 @@ import torch
 
 from stablerep_ray.config import load_config
 from stablerep_ray.evaluation import extract_features, knn_accuracy
-from stablerep_ray.model import build_model, load_model
+from stablerep_ray.models import build_model, load_model
 from stablerep_ray.runtime import configure_data_context
-from stablerep_ray.simulator import ATTRIBUTES, render_eval_set
-from stablerep_ray.train import fit
+from stablerep_ray.tools.simulator import ATTRIBUTES, render_eval_set
+from stablerep_ray.training.trainer import fit
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -106,7 +106,7 @@ def test_stablerep_plus_trains_end_to_end(tmp_path, backend):
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from stablerep_ray.tiny_pipeline import make_tiny_pipeline
+    from stablerep_ray.tools.tiny_pipeline import make_tiny_pipeline
 
     overrides = [
         f"output_dir={tmp_path}", f"name=plus-{backend}", "train.objective=stablerep_plus",

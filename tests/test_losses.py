@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from stablerep_ray.losses import image_text_loss, multi_positive_loss, simclr_loss
+from stablerep_ray.losses.contrastive import image_text_loss, multi_positive_loss, simclr_loss
 
 WORLD = 2
 

@@ -10,7 +10,7 @@ import ray
 import torch
 
 from stablerep_ray.config import from_dict
-from stablerep_ray.generation import build_image_stream
+from stablerep_ray.generation.stage import build_image_stream
 from stablerep_ray.runtime import configure_data_context
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -29,7 +29,7 @@ def local_ray():
 
 
 def write_captions(path: Path, num: int) -> Path:
-    from stablerep_ray.simulator import make_captions
+    from stablerep_ray.tools.simulator import make_captions
 
     path.write_text("\n".join(make_captions(num, seed=1)) + "\n")
     return path
@@ -60,7 +60,7 @@ def collect(ds) -> dict[int, np.ndarray]:
 
 def test_diffusers_pool_regenerates_identical_images(tmp_path):
     """Same caption id, index and seed -> identical images from two separate actor pools."""
-    from stablerep_ray.tiny_pipeline import make_tiny_pipeline
+    from stablerep_ray.tools.tiny_pipeline import make_tiny_pipeline
 
     model = make_tiny_pipeline(tmp_path / "tiny-sd", sample_size=8)
     captions = write_captions(tmp_path / "c.txt", 6)
@@ -90,7 +90,7 @@ def consumption_loop(loop_config):
     """Drive the real worker-side stream on a real shard and record what each batch held."""
     import ray.train
 
-    from stablerep_ray.stream import GroupStream
+    from stablerep_ray.stream.replay import GroupStream
 
     config = from_dict(loop_config["config"])
     rank = ray.train.get_context().get_world_rank()
@@ -144,7 +144,8 @@ def test_groups_stay_whole_and_are_served_at_most_r_times(tmp_path, reuse):
 
 
 def test_resume_continues_at_the_saved_step_with_the_optimizer_state(tmp_path):
-    from stablerep_ray.train import TRAINER_STATE_FILE, fit, read_resume_chunk
+    from stablerep_ray.training.checkpoint import TRAINER_STATE_FILE, read_resume_chunk
+    from stablerep_ray.training.trainer import fit
 
     config = base_config(tmp_path)
     first = fit(config, max_steps=4, captions_per_pass=400)

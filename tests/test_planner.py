@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from stablerep_ray.config import load_config
-from stablerep_ray.planner import (
+from stablerep_ray.tools.planner import (
     WAIT_TARGET,
     Budget,
     best_split,
@@ -179,7 +179,7 @@ def test_gpu_table_is_used_and_rescaled(tmp_path):
 
 def test_saved_measurement_is_reused(tmp_path):
     config = load_config(QUICKSTART)
-    from stablerep_ray.planner import _device_name
+    from stablerep_ray.tools.planner import _device_name
 
     key = fingerprint(config, _device_name(False))
     (tmp_path / "planner-rates.json").write_text(json.dumps(
@@ -204,7 +204,7 @@ def test_short_generator_calls_are_flagged(tmp_path):
     assert check_call_length(load_config(QUICKSTART), gen_rate=2400.0) is None  # the shipped 256
     assert check_call_length(paper(), gen_rate=6.0) is None  # SD calls take seconds
 
-    from stablerep_ray.planner import _device_name
+    from stablerep_ray.tools.planner import _device_name
 
     key = fingerprint(short, _device_name(False))
     (tmp_path / "planner-rates.json").write_text(json.dumps(

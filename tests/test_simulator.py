@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stablerep_ray import simulator as sim
+from stablerep_ray.tools import simulator as sim
 from stablerep_ray.config import GeneratorConfig
 
 

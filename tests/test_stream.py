@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from stablerep_ray.stream import GroupStream, StreamExhausted, resume_chunk
+from stablerep_ray.stream.replay import GroupStream, StreamExhausted, resume_chunk
 
 CHUNK_ROWS = 7
 

@@ -6,8 +6,8 @@ import pickle
 import pytest
 import torch
 
-from stablerep_ray.config import ConfigError
-from stablerep_ray.text import HFTokenizer, WordTokenizer, load_tokenizer
+from stablerep_ray.config import ConfigError, GeneratorConfig
+from stablerep_ray.models.tokenizers import HFTokenizer, WordTokenizer, load_tokenizer
 
 MERGES = [("c", "a"), ("ca", "t</w>"), ("r", "e"), ("re", "d</w>")]
 
@@ -132,10 +132,10 @@ def test_hf_tokenizer_finds_pipeline_subfolder(clip_dir, pipeline_dir):
 
 # -- load_tokenizer -----------------------------------------------------------------------------------
 def test_load_tokenizer_sources(clip_dir, pipeline_dir):
-    assert isinstance(load_tokenizer("", "simulator", ""), WordTokenizer)
-    explicit = load_tokenizer(str(clip_dir), "simulator", "")
+    assert isinstance(load_tokenizer("", GeneratorConfig(backend="simulator")), WordTokenizer)
+    explicit = load_tokenizer(str(clip_dir), GeneratorConfig(backend="simulator"))
     assert isinstance(explicit, HFTokenizer) and explicit.path == str(clip_dir)
-    from_pipeline = load_tokenizer("", "diffusers", str(pipeline_dir))
+    from_pipeline = load_tokenizer("", GeneratorConfig(backend="diffusers", model=str(pipeline_dir)))
     assert (
         isinstance(from_pipeline, HFTokenizer) and from_pipeline.vocab_size == explicit.vocab_size
     )
@@ -148,10 +148,10 @@ def test_load_tokenizer_errors_name_the_key(case, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "model_index.json").write_text("{}")
     args = {
-        "missing_dir": (str(tmp_path / "nope"), "simulator", ""),
-        "empty_dir": (str(tmp_path / "empty"), "simulator", ""),
-        "pipeline_without_tokenizer": ("", "diffusers", str(tmp_path)),
-        "diffusers_without_model": ("", "diffusers", ""),
+        "missing_dir": (str(tmp_path / "nope"), GeneratorConfig(backend="simulator")),
+        "empty_dir": (str(tmp_path / "empty"), GeneratorConfig(backend="simulator")),
+        "pipeline_without_tokenizer": ("", GeneratorConfig(backend="diffusers", model=str(tmp_path))),
+        "diffusers_without_model": ("", GeneratorConfig(backend="diffusers")),
     }[case]
     with pytest.raises(ConfigError, match=r"model\.text\.tokenizer"):
         load_tokenizer(*args)

@@ -48,6 +48,11 @@ class Batch:
     captions: list[str]  # (K,) one per group
     keys: np.ndarray  # (K,) stream keys of the groups served
 
+    @property
+    def group_ids(self) -> np.ndarray:
+        """(K,) caption id of each group, in batch order."""
+        return self.caption_ids[:: len(self.caption_ids) // max(1, len(self.captions))]
+
 
 class ChunkProgress:
     """Rows consumed per stream chunk: what a checkpoint needs to resume without a gap."""

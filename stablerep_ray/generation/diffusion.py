@@ -1,25 +1,22 @@
-"""Generation stage: caption rows -> one row per caption with its n images, on a fixed actor pool.
+"""The diffusers backend: any Stable Diffusion text-to-image pipeline loaded with ``from_pretrained``.
 
-Each actor loads its text-to-image pipeline once (``DiffusionPipeline.from_pretrained``) and renders
-``captions_per_call x n`` images per call. Image j of caption c is drawn from its own torch.Generator
-seeded with ``image_seed(base, c, j)``, so the same configuration regenerates the same images whatever
-actor, block or batch a caption lands in.
-
-Output rows: the caption columns (``chunk``, ``row``, ``chunk_rows``, ``caption_id``, ``caption``),
-``images`` (n, S, S, 3) uint8 at the stored resolution ``output_size``, and ``num_images`` (valid
-images first; the safety checker may drop some).
+Each actor loads its pipeline once and renders ``captions_per_call x n`` images per call. Image j of
+caption c is drawn from its own torch.Generator seeded with ``image_seed(base, c, j)``, so the same
+configuration regenerates the same images whatever actor, block or batch a caption lands in.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .captions import EMPTY_CHUNK_ID
-from .config import Config, ConfigError, GeneratorConfig
+from ..config import ConfigError, GeneratorConfig
+from ..precision import resolve_dtype
+from .backends import image_seed
 
 logger = logging.getLogger(__name__)
 
@@ -30,19 +27,6 @@ SCHEDULERS = {
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
 }
-
-
-def image_seed(base_seed: int, caption_id: int, index: int) -> int:
-    """A 63-bit seed for image ``index`` of caption ``caption_id``; well mixed, order independent."""
-    state = np.random.SeedSequence([base_seed, caption_id, index]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-def resolve_device_and_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        dtype = "bf16" if device.type == "cuda" else "fp32"
-    return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 
 def check_pipeline_path(model: str) -> None:
@@ -62,8 +46,6 @@ def check_pipeline_path(model: str) -> None:
             f"generator.model: {model} has no model_index.json, so it is not a diffusers pipeline "
             f"directory; point it at a pipeline saved with save_pretrained"
         )
-    import json
-
     components = json.loads(index.read_text())
     missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in components]
     if missing or "Img2Img" in components.get("_class_name", "") or "Inpaint" in components.get(
@@ -81,7 +63,8 @@ def load_pipeline(cfg: GeneratorConfig):
     from diffusers import DiffusionPipeline
     import diffusers
 
-    device, dtype = resolve_device_and_dtype(cfg.dtype)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(cfg.dtype, device)
     pipe = DiffusionPipeline.from_pretrained(cfg.model, torch_dtype=dtype)
     if cfg.scheduler != "pipeline":
         cls_name, extra = SCHEDULERS[cfg.scheduler]
@@ -121,6 +104,15 @@ def to_stored_uint8(images: torch.Tensor, size: int) -> np.ndarray:
 
 class DiffusersGenerator:
     """Ray Data callable class: a diffusers text-to-image pipeline held by one actor."""
+
+    @staticmethod
+    def preflight(config: GeneratorConfig) -> None:
+        check_pipeline_path(config.model)
+
+    @staticmethod
+    def tokenizer_source(config: GeneratorConfig) -> tuple[str, str | None]:
+        """Where StableRep+ finds this backend's tokenizer: the pipeline's ``tokenizer/``."""
+        return config.model, "tokenizer"
 
     def __init__(self, config: GeneratorConfig):
         self.cfg = config
@@ -168,56 +160,3 @@ class DiffusersGenerator:
             self.dropped += int(flagged.sum())
             logger.warning("safety checker dropped %d images (%d so far)", flagged.sum(), self.dropped)
         return kept, counts
-
-
-def generator_class(cfg: GeneratorConfig):
-    if cfg.backend == "simulator":
-        from .simulator import SimulatorGenerator
-
-        return SimulatorGenerator
-    return DiffusersGenerator
-
-
-class GeneratorActor:
-    """The Ray Data callable: the configured backend; empty-chunk marker rows pass unrendered."""
-
-    def __init__(self, config: GeneratorConfig):
-        self.cfg = config
-        self.backend = generator_class(config)(config)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        real = batch["caption_id"] != EMPTY_CHUNK_ID
-        if real.all():
-            return self.backend(batch)
-        n, size = self.cfg.images_per_caption, self.cfg.output_size
-        images = np.zeros((len(real), n, size, size, 3), dtype=np.uint8)
-        num_images = np.zeros(len(real), dtype=np.int32)
-        if real.any():
-            out = self.backend({k: v[real] for k, v in batch.items()})
-            images[real], num_images[real] = out["images"], out["num_images"]
-        return {**batch, "images": images, "num_images": num_images}
-
-
-def build_image_stream(config: Config, start_chunk: int = 0, captions_per_pass: int = 0):
-    """Captions from stream chunk ``start_chunk`` -> generator actor pool: what the trainer consumes."""
-    import ray.data
-
-    from .captions import read_captions
-
-    gen, t = config.generator, config.train
-    needed = t.steps * t.batch_size // config.group_size // config.stream.reuse + 4 * gen.captions_per_call
-    remote_args = {"label_selector": gen.label_selector} if gen.label_selector else {}
-    captions = read_captions(config.captions, start_chunk, needed, captions_per_pass)
-    # One block per generator call: a map task emits its output only when its input block is done,
-    # so a 10k-caption chunk would otherwise hold back every image for hours.
-    captions = captions.repartition(target_num_rows_per_block=gen.captions_per_call)
-    return captions.map_batches(
-        GeneratorActor,
-        fn_constructor_kwargs={"config": gen},
-        batch_size=gen.captions_per_call,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=gen.num_actors),
-        num_gpus=gen.num_gpus_per_actor or None,
-        num_cpus=gen.num_cpus_per_actor,
-        **remote_args,
-    )

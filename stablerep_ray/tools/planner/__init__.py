@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, GeneratorConfig
+from ...config import Config, GeneratorConfig
 
 # -- the cost model (see the cost-model reference: FLOPs counted on the diffusers configs) -------
 UNET_TFLOP_512 = 0.805  # one SD-1.5/2.1 UNet forward, one sample, 64x64 latent (2 per step with CFG)
@@ -132,7 +132,7 @@ def trainer_tflop(config: Config) -> float | None:
         return None
     import torch
 
-    from .model import create_encoder
+    from ...models import create_encoder
 
     with torch.device("meta"):
         encoder = create_encoder(m)
@@ -259,7 +259,7 @@ def _device_name(cuda: bool) -> str:
 def _caption_batch(config: Config, size: int, offset: int) -> dict:
     import numpy as np
 
-    from .captions import plan_chunks, read_chunk
+    from ...captions import plan_chunks, read_chunk
 
     ids, texts, _ = read_chunk(config.captions, plan_chunks(config.captions)[0])
     pick = [(offset + i) % len(ids) for i in range(size)]
@@ -288,7 +288,7 @@ def measure_generator_rate(config: Config, min_seconds: float = 5.0, max_seconds
     """images/s of one generator actor, in-process, with the actor's CPU threads (warm-up excluded)."""
     import torch
 
-    from .generation import GeneratorActor
+    from ...generation import GeneratorActor
 
     gen = config.generator
     if not torch.cuda.is_available():
@@ -311,10 +311,10 @@ def measure_trainer_rate(config: Config, min_seconds: float = 5.0, max_seconds: 
     import numpy as np
     import torch
 
-    from .augment import BatchAugment
-    from .losses import multi_positive_loss
-    from .model import build_model
-    from .train import autocast_dtype, build_optimizer
+    from ...augment import BatchAugment
+    from ...losses import multi_positive_loss
+    from ...models import build_model
+    from ...training import autocast_dtype, build_optimizer
 
     t = config.train
     device = torch.device("cuda" if t.use_gpu and torch.cuda.is_available() else "cpu")

@@ -77,7 +77,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .config import GeneratorConfig
+from ...config import GeneratorConfig
 
 __all__ = [
     "ATTRIBUTES",
@@ -605,6 +605,14 @@ class SimulatorGenerator:
     safety checker that drops images). Image ``j`` of caption id ``c`` depends only on
     ``(config.seed, c, j)``, the caption text and ``guidance_scale``.
     """
+
+    @staticmethod
+    def preflight(config: GeneratorConfig) -> None:
+        """Nothing to check: the simulator needs no files."""
+
+    @staticmethod
+    def tokenizer_source(config: GeneratorConfig) -> None:
+        """None: StableRep+ uses the built-in word tokenizer with simulator captions."""
 
     def __init__(
         self,

@@ -27,7 +27,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .config import CaptionsConfig, ConfigError
+from ..config import CaptionsConfig, ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from .config import ConfigError
+from ..config import ConfigError, GeneratorConfig
 
 _KEY = "model.text.tokenizer"
 
@@ -101,17 +101,19 @@ class HFTokenizer:
         return _pack(ids, self._start, self._end, context_length)
 
 
-def load_tokenizer(tokenizer: str, generator_backend: str, generator_model: str) -> Tokenizer:
-    """The configured tokenizer: an explicit path/id, else the diffusers pipeline's, else words."""
+def load_tokenizer(tokenizer: str, generator: GeneratorConfig) -> Tokenizer:
+    """The configured tokenizer: an explicit path/id, else the generator backend's, else words."""
     if tokenizer:
         return HFTokenizer(tokenizer)
-    if generator_backend == "diffusers":
-        if not generator_model:
-            raise ConfigError(
-                f"{_KEY}: empty, and there is no generator.model pipeline to take it from"
-            )
-        return HFTokenizer(generator_model, subfolder="tokenizer")
-    return WordTokenizer()
+    from ..generation import generator_class
+
+    source = generator_class(generator).tokenizer_source(generator)
+    if source is None:
+        return WordTokenizer()
+    path, subfolder = source
+    if not path:
+        raise ConfigError(f"{_KEY}: empty, and there is no generator.model pipeline to take it from")
+    return HFTokenizer(path, subfolder=subfolder)
 
 
 _VOCAB_FILES = ("tokenizer.json", "vocab.json")

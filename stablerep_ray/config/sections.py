@@ -1,0 +1,219 @@
+"""The sections of an experiment config, one class each, with every option's default and meaning."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user must fix; the message names the key (or file) and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CaptionsConfig(_Section):
+    source: str = Field(
+        "",
+        description="Caption file or directory: local path or pyarrow filesystem URI (s3://, gs://). "
+        "Formats: .txt (one caption per line), .csv, .tsv, .jsonl, .parquet.",
+    )
+    format: Literal["auto", "txt", "csv", "tsv", "jsonl", "parquet"] = Field(
+        "auto", description="File format; 'auto' picks it from the file extension."
+    )
+    column: str = Field("caption", description="Caption column for csv/tsv/jsonl/parquet sources.")
+    max_chars: int = Field(
+        2000,
+        gt=0,
+        description="Captions longer than this are rejected up front (a sign of a wrong column or "
+        "a binary file); the text encoder truncates to its own context anyway.",
+    )
+    repeat: bool = Field(
+        True, description="Cycle through the source again when a run needs more captions than it holds."
+    )
+    rows_per_block: int = Field(256, gt=0, description="Captions per Ray Data block read from the source.")
+
+
+class GeneratorConfig(_Section):
+    backend: Literal["diffusers", "simulator"] = Field(
+        "diffusers",
+        description="'diffusers': a Stable Diffusion pipeline loaded with from_pretrained(model). "
+        "'simulator': the procedural offline text-to-image simulator (development, CI, demos).",
+    )
+    model: str = Field(
+        "",
+        description="Hugging Face model id or local directory of a diffusers text-to-image pipeline "
+        "(diffusers backend only). `stablerep-ray make-tiny-pipeline DIR` builds an offline one.",
+    )
+    scheduler: Literal["dpm_solver++", "ddim", "euler", "euler_ancestral", "pndm", "pipeline"] = Field(
+        "dpm_solver++", description="Sampler; 'pipeline' keeps the checkpoint's own scheduler."
+    )
+    steps: int = Field(20, gt=0, description="Denoising steps per image.")
+    guidance_scale: float = Field(
+        2.0, ge=0, description="Classifier-free guidance scale w (StableRep uses 2; SynCLR 2.5)."
+    )
+    resolution: int = Field(512, gt=0, description="Generation resolution in pixels (multiple of 8).")
+    output_size: int = Field(
+        256, gt=0, description="Stored (streamed) resolution: generated images are resized to this."
+    )
+    images_per_caption: int = Field(
+        10, gt=0, description="n: images generated per caption (the batch draws m of them)."
+    )
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="Pipeline dtype; 'auto' is bf16 on GPU and fp32 on CPU."
+    )
+    safety_checker: bool = Field(
+        False,
+        description="Run the pipeline's safety checker; flagged images are dropped and counted, "
+        "never streamed as black images.",
+    )
+    seed: int = Field(0, ge=0, description="Base seed; image j of caption c uses seed(base, c, j).")
+    num_actors: int = Field(1, gt=0, description="Generator actors in the fixed-size Ray Data pool.")
+    num_gpus_per_actor: float = Field(
+        0.0, ge=0, description="GPUs per generator actor (fractions share a large card)."
+    )
+    num_cpus_per_actor: float = Field(1.0, ge=0, description="CPUs per generator actor.")
+    captions_per_call: int = Field(
+        4,
+        gt=0,
+        description="Captions per generator call (batch = captions_per_call x n images); one call is one "
+        "stream block, so keep a call >= 0.5 s (`stablerep-ray plan` warns when shorter).",
+    )
+    channels_last: bool = Field(True, description="channels_last memory format for UNet and VAE (GPU).")
+    compile: bool = Field(False, description="torch.compile the UNet (GPU; warm-up on the first call).")
+    vae_slicing: bool = Field(False, description="Decode latents one image at a time to bound memory.")
+    label_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Ray node labels generator actors must land on, e.g. {ray.io/node-group: gen}.",
+    )
+
+
+class StreamConfig(_Section):
+    images_per_group: int = Field(
+        6, gt=0, description="m: images of one caption in a batch, drawn afresh from its n each time."
+    )
+    reuse: int = Field(
+        1,
+        gt=0,
+        description="R: times a caption group is served before eviction from the worker's replay "
+        "buffer (1 = pure streaming, each group used exactly once).",
+    )
+    buffer_mb: float = Field(
+        1024.0, gt=0, description="Memory cap of each train worker's replay buffer, in MiB."
+    )
+    prefetch_batches: int = Field(2, ge=0, description="Ray Data batches prefetched by each worker.")
+    object_store_mb: float = Field(
+        0.0,
+        ge=0,
+        description="Object-store budget of the generation stream (Ray Data), in MiB. 0 = auto: "
+        "room for every generator actor's calls in flight and each worker's prefetched batches, "
+        "twice over, at least 64 MiB. Without a cap, generators faster than the trainer run ahead "
+        "into half the object store, which then spills to disk.",
+    )
+    log_consumed: bool = Field(
+        False,
+        description="Append each step's served stream keys and caption ids to "
+        "output_dir/name/consumed/*.jsonl: an audit of which captions the model saw.",
+    )
+
+
+class TextTowerConfig(_Section):
+    width: int = Field(512, gt=0, description="Text Transformer width.")
+    layers: int = Field(12, gt=0, description="Text Transformer layers.")
+    heads: int = Field(8, gt=0, description="Text Transformer attention heads.")
+    context_length: int = Field(77, gt=0, description="Token context length.")
+    tokenizer: str = Field(
+        "",
+        description="Tokenizer path or id; empty takes the generator pipeline's tokenizer "
+        "(the simulator uses a built-in word tokenizer).",
+    )
+
+
+class ModelConfig(_Section):
+    name: str = Field("vit_base_patch16_224", description="timm model name of the image encoder.")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra timm.create_model kwargs (e.g. depth, patch_size)."
+    )
+    image_size: int = Field(224, gt=0, description="Training crop size fed to the encoder.")
+    head_hidden_dim: int = Field(4096, gt=0, description="Projection MLP hidden width.")
+    head_layers: int = Field(3, ge=1, description="Projection MLP linear layers (BN+ReLU between).")
+    embed_dim: int = Field(256, gt=0, description="Output dimension of the projection head.")
+    text: TextTowerConfig = Field(default_factory=TextTowerConfig, description="StableRep+ text tower.")
+
+
+class AugmentConfig(_Section):
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range.")
+    flip_p: float = Field(0.5, ge=0, le=1, description="Horizontal flip probability.")
+    color_jitter: tuple[float, float, float, float] = Field(
+        (0.4, 0.4, 0.4, 0.1), description="Brightness, contrast, saturation, hue jitter strengths."
+    )
+    color_jitter_p: float = Field(0.8, ge=0, le=1, description="Colour jitter probability.")
+    grayscale_p: float = Field(0.2, ge=0, le=1, description="Grayscale probability.")
+    blur_p: float = Field(0.5, ge=0, le=1, description="Gaussian blur probability.")
+    blur_sigma: tuple[float, float] = Field((0.1, 2.0), description="Gaussian blur sigma range.")
+
+
+class TrainConfig(_Section):
+    objective: str = Field(
+        "stablerep",
+        description="Training objective (training/objectives/): 'stablerep': multi-positive loss over m "
+        "images per caption; 'simclr': two views of one image; 'stablerep_plus': stablerep plus a "
+        "CLIP-style image-text loss.",
+    )
+    batch_size: int = Field(
+        8256, gt=0, description="Global images per step (all workers); a multiple of m x num_workers."
+    )
+    steps: int = Field(1000, gt=0, description="Optimiser steps in the run.")
+    base_lr: float = Field(2e-4, gt=0, description="Learning rate per 256 images: lr = base_lr*batch/256.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on norms or biases).")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps before the cosine decay.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of the peak lr.")
+    temperature: float = Field(0.1, gt=0, description="Contrastive temperature tau.")
+    grad_clip: float | None = Field(None, gt=0, description="Clip the global grad norm (None: off).")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Autocast dtype; 'auto' is bf16 on GPU, fp32 on CPU."
+    )
+    num_workers: int = Field(2, gt=0, description="DDP workers (Ray Train).")
+    use_gpu: bool = Field(False, description="One GPU per train worker.")
+    num_cpus_per_worker: float = Field(1.0, ge=0, description="CPUs per train worker.")
+    label_selector: dict[str, str] = Field(
+        default_factory=dict, description="Ray node labels train workers must land on."
+    )
+    seed: int = Field(0, ge=0, description="Seed for model init, augmentation and group sampling.")
+    log_every: int = Field(10, gt=0, description="Steps between TensorBoard scalar writes.")
+    image_grid_every: int = Field(
+        0, ge=0, description="Steps between sample-grid images in TensorBoard (0: only the first step)."
+    )
+    checkpoint_every: int = Field(100, gt=0, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(3, gt=0, description="Checkpoints kept on storage.")
+    max_failures: int = Field(3, ge=-1, description="Worker-group restarts from the last checkpoint.")
+
+
+class EvalConfig(_Section):
+    data: str = Field(
+        "",
+        description="Labelled evaluation images: ImageFolder dir, parquet (image bytes + label), or "
+        "'simulator:<attribute>' for the simulator's held-out set. Empty: no online evaluation. "
+        "'TRAIN:TEST' splits into a memory bank and a query set.",
+    )
+    every: int = Field(0, ge=0, description="Steps between online kNN evaluations (0: only at the end).")
+    knn_k: int = Field(20, gt=0, description="Neighbours in the kNN classifier.")
+    knn_temperature: float = Field(0.07, gt=0, description="Temperature of the kNN vote weights.")
+    batch_size: int = Field(256, gt=0, description="Images per feature-extraction batch.")
+    max_images: int = Field(0, ge=0, description="Cap on evaluation images (0: all).")
+
+
+class ClusterConfig(_Section):
+    address: str = Field(
+        "",
+        description="Ray cluster address; empty uses RAY_ADDRESS if set, else starts a local Ray.",
+    )
+    num_cpus: int = Field(0, ge=0, description="Logical CPUs of a local Ray (0: the machine's count).")
+    num_gpus: int = Field(-1, ge=-1, description="GPUs of a local Ray (-1: detect).")
+    storage_path: str = Field(
+        "", description="Shared storage for checkpoints (s3://, gs://, NFS); empty: output_dir."
+    )

@@ -1,0 +1,36 @@
+"""Generator backends: config name -> the Ray Data callable class that renders a caption's n images.
+
+Every backend takes a batch with ``caption_id`` and ``caption`` columns and adds ``images`` (B, n, S,
+S, 3) uint8 and ``num_images`` (B,) int32; image j of caption c depends only on (seed, c, j), the
+caption and the generator settings (``image_seed``). A backend class also answers ``preflight(cfg)``
+(checks before Ray starts) and ``tokenizer_source(cfg)`` (where StableRep+ takes its tokenizer, or
+None for the built-in word tokenizer). Adding a backend is one module and one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from ..config import ConfigError, GeneratorConfig
+
+BACKENDS = {
+    "diffusers": "stablerep_ray.generation.diffusion:DiffusersGenerator",
+    "simulator": "stablerep_ray.tools.simulator:SimulatorGenerator",
+}
+
+
+def image_seed(base_seed: int, caption_id: int, index: int) -> int:
+    """A 63-bit seed for image ``index`` of caption ``caption_id``; well mixed, order independent."""
+    state = np.random.SeedSequence([base_seed, caption_id, index]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def generator_class(cfg: GeneratorConfig) -> type:
+    """The backend class named by ``generator.backend`` (imported on first use: it may load torch)."""
+    try:
+        module, name = BACKENDS[cfg.backend].split(":")
+    except KeyError:
+        raise ConfigError(f"generator.backend: unknown backend {cfg.backend!r}; choose one of {sorted(BACKENDS)}") from None
+    return getattr(importlib.import_module(module), name)

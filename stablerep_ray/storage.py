@@ -1,0 +1,68 @@
+"""Where runs keep their files: local paths or pyarrow filesystem URIs (s3://, gs://), and the
+checkpoint snapshot Ray Train writes beside a run's checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
+    from .config import Config
+
+TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def open_filesystem(location: str, what: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a URI; a bad URI is a ConfigError naming ``what``."""
+    import pyarrow.fs as pafs
+
+    from .config import ConfigError
+
+    if "://" in location:
+        try:
+            return pafs.FileSystem.from_uri(location)
+        except Exception as err:  # noqa: BLE001 - pyarrow raises several types for bad URIs
+            raise ConfigError(f"{what}: cannot open {location!r} ({err})") from None
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
+
+
+def storage_path(config: Config) -> str:
+    """Train's storage: ``cluster.storage_path``, else the local output directory."""
+    return config.cluster.storage_path or str(Path(config.output_dir).expanduser().resolve())
+
+
+def latest_train_result(config: Config) -> dict[str, Any]:
+    """Metrics reported with the run's latest committed checkpoint ({} for a run with none).
+
+    Read from Train's own checkpoint-manager snapshot, so it always matches the checkpoint that
+    ``ray.train.get_checkpoint()`` hands restarted workers.
+    """
+    import pyarrow.fs as pafs
+
+    fs, root = open_filesystem(storage_path(config), "cluster.storage_path")
+    snapshot = f"{root.rstrip('/')}/{config.name}/{TRAIN_SNAPSHOT}"
+    if fs.get_file_info(snapshot).type != pafs.FileType.File:
+        return {}
+    with fs.open_input_stream(snapshot) as f:
+        state = json.loads(f.read())
+    return (state.get("latest_checkpoint_result") or {}).get("metrics", {})
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write JSON through a temporary file and a rename: readers never see half a file."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,67 @@
+"""Checkpoints of a run: the model file, the step's training state, and the stream's resume point.
+
+Every rank reports (Train's report is a barrier); rank 0 attaches the directory. Train V2 uploads it
+and only then records it as the latest checkpoint, so a failed or interrupted write leaves the
+previous checkpoint as the one a restart resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config
+from ..models import save_model
+from ..storage import latest_train_result
+from ..stream import GroupStream, resume_chunk
+from .step import TrainStep
+
+TRAINER_STATE_FILE = "trainer_state.pt"
+RESUME_CHUNK = "stream/resume_chunk"
+
+
+def restore(step: TrainStep, checkpoint, rank: int) -> int:
+    """Load model, optimiser, schedule, objective and RNG state; returns the stream's resume chunk."""
+    with checkpoint.as_directory() as ckpt_dir:
+        model_file = torch.load(Path(ckpt_dir) / "model.pt", map_location=step.device)
+        state = torch.load(Path(ckpt_dir) / TRAINER_STATE_FILE, map_location=step.device, weights_only=False)
+    step.model.load_state_dict(model_file["model"])
+    step.load_state_dict(state)
+    torch.set_rng_state(state["rng"][rank % len(state["rng"])])
+    return state["resume_chunk"]
+
+
+def resume_point(stream: GroupStream, previous: int, distributed: bool) -> tuple[int, int]:
+    """Where a restart must resume the caption stream: the first chunk not consumed by all workers,
+    and how many rows before it were served (and so will be served again after a restart)."""
+    states = [stream.progress.state()]
+    if distributed:
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, stream.progress.state())
+    chunk, repeated = resume_chunk(states, previous)
+    stream.progress.forget_before(chunk)
+    return chunk, repeated
+
+
+def report_checkpoint(step: TrainStep, resume_at: int, metrics: dict, rank: int) -> None:
+    """Report ``metrics`` with a checkpoint of the current step (rank 0 writes it)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            save_model(step.model, step.config, tmp, **step.objective.model_kwargs())
+            state = {**step.state_dict(), "resume_chunk": resume_at, "rng": [torch.get_rng_state()]}
+            torch.save(state, Path(tmp) / TRAINER_STATE_FILE)
+            (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step.step:08d}")
+
+
+def read_resume_chunk(config: Config) -> int:
+    """The stream chunk recorded with the run's latest committed checkpoint (0 for a new run)."""
+    return int(latest_train_result(config).get(RESUME_CHUNK, 0))

@@ -1,0 +1,125 @@
+"""The per-worker training loop of the Ray Train ``TorchTrainer``, top to bottom.
+
+Build the training step (objective, model, optimiser), restore the last checkpoint, open ONE
+long-lived iterator on this worker's shard, then loop: batch of K caption groups -> the step; log,
+evaluate and checkpoint every N steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import from_dict
+from ..stream import GroupStream
+from .checkpoint import RESUME_CHUNK, report_checkpoint, restore, resume_point
+from .step import TrainStep
+from .telemetry import mirror_tensorboard, positives_per_anchor, sample_grid, tensorboard_mirror
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    config = from_dict(loop_config["config"])
+    t = config.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    distributed = world > 1
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(t.num_cpus_per_worker)))
+    torch.manual_seed(t.seed + rank)
+
+    step = TrainStep.build(config, device)
+    resume_at = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        resume_at = restore(step, checkpoint, rank)
+    start_step = step.step
+    step.generator.manual_seed(t.seed * 1000 + rank + 7919 * start_step)
+    if distributed:
+        step.forward = ray.train.torch.prepare_model(step.model, move_to_device=False)
+
+    shard = ray.train.get_dataset_shard("train")
+    # One iterator for the whole run: every new iteration over a shard restarts the executor.
+    stream = GroupStream(
+        shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=config.stream.prefetch_batches),
+        captions_per_step=config.captions_per_worker_step,
+        images_per_group=config.images_drawn_per_group,
+        reuse=config.stream.reuse,
+        buffer_bytes=int(config.stream.buffer_mb * 2**20),
+        seed=t.seed * 1000 + rank + 7919 * start_step,
+    )
+
+    writer = evaluator = mirror = None
+    if rank == 0:
+        mirror = tensorboard_mirror(config)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(loop_config["tensorboard_dir"], purge_step=start_step or None)
+        if config.eval.data:
+            from ..evaluation import OnlineKNN
+
+            evaluator = OnlineKNN(config)
+
+    consumed_log = None
+    if config.stream.log_consumed:
+        log_dir = Path(loop_config["run_dir"]) / "consumed"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        consumed_log = open(log_dir / f"rank{rank}-from{start_step:08d}-{os.getpid()}.jsonl", "a")
+    interval_start, interval_wait, interval_steps = time.perf_counter(), 0.0, 0
+    end_step = min(t.steps, loop_config.get("max_steps") or t.steps)
+    for index in range(start_step, end_step):
+        wait_before = stream.wait_seconds
+        batch = stream.next_batch()
+        if consumed_log:
+            record = {"step": index, "keys": batch.keys.tolist(), "ids": batch.group_ids.tolist()}
+            consumed_log.write(json.dumps(record) + "\n")
+            consumed_log.flush()
+        result = step(batch)
+        interval_steps += 1
+        interval_wait += stream.wait_seconds - wait_before
+
+        if rank == 0 and (index == start_step or (t.image_grid_every and index % t.image_grid_every == 0)):
+            writer.add_image("samples/caption_groups", sample_grid(batch.images, config.images_drawn_per_group), index)
+            writer.add_text("samples/captions", "\n\n".join(batch.captions[:4]), index)
+
+        last = index + 1 == end_step
+        if (index + 1) % t.log_every == 0 or last:
+            elapsed = time.perf_counter() - interval_start
+            if rank == 0:
+                writer.add_scalar("loss/total", result.loss.item(), index)
+                for name, value in result.metrics.items():
+                    writer.add_scalar(name, float(value), index)
+                writer.add_scalar("lr", step.scheduler.get_last_lr()[0], index)
+                writer.add_scalar("throughput/images_per_s", interval_steps * t.batch_size / elapsed, index)
+                writer.add_scalar("throughput/data_wait_fraction", interval_wait / elapsed, index)
+                writer.add_scalar("stream/positives_per_anchor", positives_per_anchor(result.labels), index)
+                writer.add_scalar("stream/buffer_mb", stream.buffer.nbytes / 2**20, index)
+                writer.add_scalar("stream/groups_admitted", stream.admitted * world, index)
+            interval_start, interval_wait, interval_steps = time.perf_counter(), 0.0, 0
+
+        # Reading the loss syncs the GPU, so the report is built only on steps that evaluate or checkpoint.
+        report = {}
+        if evaluator and ((config.eval.every and (index + 1) % config.eval.every == 0) or last):
+            report.update(evaluator.evaluate(step.model, device))
+            for name, value in report.items():
+                writer.add_scalar(name, value, index)
+        if (index + 1) % t.checkpoint_every == 0 or last:
+            report.update({"step": index + 1, "loss": result.loss.item()})
+            resume_at, repeat = resume_point(stream, resume_at, distributed)
+            report[RESUME_CHUNK] = resume_at
+            report["stream/rows_repeated_on_resume"] = repeat
+            report_checkpoint(step, resume_at, report, rank)
+            if writer and mirror:
+                writer.flush()
+                mirror_tensorboard(loop_config["tensorboard_dir"], mirror)
+    if writer:
+        writer.close()  # the last step checkpointed, and mirrored, above
+    if consumed_log:
+        consumed_log.close()

@@ -1,0 +1,97 @@
+"""What a training method is to the rest of the program.
+
+An objective says how many images of each caption group it reads and how many encoder inputs it
+makes of them (the stream and the batch arithmetic follow from that), which modules it trains, how it
+turns a batch into encoder inputs and a loss, and what it keeps between steps. The train loop, the
+planner's rate measurement and the GPU benchmark all run it through the one ``TrainStep``.
+
+Objective modules import torch and the losses inside their methods: the config schema asks them about
+stream shapes while validating, before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+    from ...config import Config
+    from ...stream import Batch
+
+Forward = Callable[["torch.Tensor"], "torch.Tensor"]
+Augment = Callable[["torch.Tensor", "torch.Generator"], "torch.Tensor"]
+
+
+class Objective:
+    """A training method. Subclasses set the class attributes and override ``loss``."""
+
+    name: ClassVar[str]
+    #: True: a caption's m images are positives of each other (StableRep); False: one image per
+    #: caption, whose augmented views are its only positives (SimCLR).
+    caption_positives: ClassVar[bool] = True
+    #: Augmented views of every drawn image.
+    views_per_image: ClassVar[int] = 1
+
+    # -- stream shape: asked at config validation ------------------------------------------------
+    @classmethod
+    def images_drawn_per_group(cls, config: Config) -> int:
+        """Distinct generated images drawn from a caption's n per serve."""
+        return config.stream.images_per_group if cls.caption_positives else 1
+
+    @classmethod
+    def inputs_per_group(cls, config: Config) -> int:
+        """Encoder inputs per caption group in a batch."""
+        return cls.images_drawn_per_group(config) * cls.views_per_image
+
+    @classmethod
+    def batch_unit(cls) -> str:
+        """How one caption group's inputs are counted, for the batch-size error message."""
+        if cls.caption_positives:
+            return "stream.images_per_group" + (f" x {cls.views_per_image} views" if cls.views_per_image > 1 else "")
+        return f"{cls.views_per_image} views"
+
+    @classmethod
+    def check_config(cls, config: Config) -> None:
+        """Raise ``ValueError`` naming the key and the fix when the config cannot train this objective."""
+        m = config.stream.images_per_group
+        if cls.caption_positives and m < 2:
+            raise ValueError(
+                f"stream.images_per_group: the '{cls.name}' objective needs at least 2 images per "
+                f"caption to form positives (got {m}); set it to 2 or more, or use train.objective=simclr"
+            )
+
+    # -- run time ----------------------------------------------------------------------------------
+    def __init__(self, config: Config):
+        self.config = config
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Arguments of ``build_model`` beyond the config; saved with the model so it can be rebuilt."""
+        return {}
+
+    def views(self, images: torch.Tensor, caption_ids: torch.Tensor, augment: Augment,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder inputs and their labels from a batch's uint8 images (N, S, S, 3) on the device."""
+        import torch
+
+        views = [augment(images, generator) for _ in range(self.views_per_image)]
+        return torch.cat(views), caption_ids.repeat(self.views_per_image)
+
+    def loss(self, forward: Forward, model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+             batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss to minimise and the detached terms to log (``loss/...``).
+
+        ``forward`` runs the (possibly DDP-wrapped) image model; ``model`` is the bare module, for
+        the parts that live beside the image model (a text tower).
+        """
+        raise NotImplementedError
+
+    def after_step(self, model: torch.nn.Module, step: int) -> None:
+        """Called after every optimiser step (for example to update a teacher)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State beyond the model and optimiser that a resumed run needs."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""

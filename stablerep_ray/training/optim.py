@@ -1,0 +1,38 @@
+"""Optimiser and learning-rate schedule: AdamW, linear warm-up, cosine decay."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import Config
+
+
+def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """AdamW with lr = base_lr * batch / 256; no weight decay on norms, biases, embeddings, scales."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "positional_embedding"))
+        (no_decay if skip else decay).append(param)
+    t = config.train
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.base_lr * t.batch_size / 256,
+        betas=t.betas,
+    )
+
+
+def lr_multiplier(step: int, config: Config) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak."""
+    t = config.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, config))

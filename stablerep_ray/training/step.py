@@ -1,0 +1,113 @@
+"""The one training step, shared by the train loop, the planner's rate measurement and the GPU benchmark.
+
+``TrainStep.build`` makes everything a step needs from a config (objective, model, optimiser, schedule,
+augmentation); calling it with a stream ``Batch`` runs: images to the device -> the objective's views
+-> forward and loss under autocast -> backward -> gradient clipping -> optimiser and schedule step ->
+the objective's after-step hook. Whatever measures a step measures exactly what training runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..augment import BatchAugment
+from ..config import Config
+from ..models import build_model
+from ..precision import autocast_dtype
+from ..stream import Batch
+from .objectives import Objective, get_objective
+from .objectives.base import Augment, Forward
+from .optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # detached; reading it syncs the device
+    metrics: dict[str, torch.Tensor]
+    labels: torch.Tensor  # the labels of the encoder inputs (for stream statistics)
+
+
+@dataclass
+class TrainStep:
+    config: Config
+    device: torch.device
+    objective: Objective
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    augment: Augment
+    generator: torch.Generator
+    amp_dtype: torch.dtype | None
+    step: int = 0
+    forward: Forward | None = field(default=None)  # the DDP-wrapped or compiled model; default: model
+
+    @classmethod
+    def build(cls, config: Config, device: torch.device, seed: int = 0) -> "TrainStep":
+        """A fresh objective, model (on ``device``), optimiser and schedule for ``config``.
+
+        Seed torch before calling it: the model's initial weights come from the global generator.
+        ``seed`` seeds the augmentation's own generator.
+        """
+        objective = get_objective(config.train.objective)(config)
+        model = build_model(config, **objective.model_kwargs()).to(device)
+        optimizer = build_optimizer(model, config)
+        return cls(
+            config=config,
+            device=device,
+            objective=objective,
+            model=model,
+            optimizer=optimizer,
+            scheduler=build_scheduler(optimizer, config),
+            augment=BatchAugment(config.augment, config.model.image_size),
+            generator=torch.Generator(device).manual_seed(seed),
+            amp_dtype=autocast_dtype(config.train.precision, device),
+        )
+
+    def __call__(self, batch: Batch) -> StepResult:
+        images = torch.from_numpy(batch.images).to(self.device, non_blocking=True)
+        caption_ids = torch.from_numpy(batch.caption_ids).to(self.device)
+        inputs, labels = self.objective.views(images, caption_ids, self.augment, self.generator)
+        amp = self.amp_dtype
+        with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+            loss, metrics = self.objective.loss(self.forward or self.model, self.model, inputs, labels, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.train.grad_clip:
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.objective.after_step(self.model, self.step)
+        self.step += 1
+        return StepResult(loss.detach(), metrics, labels)
+
+    # -- what a checkpoint keeps beside the model ---------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "objective": self.objective.state_dict(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.objective.load_state_dict(state.get("objective", {}))
+        self.step = state["step"]
+
+
+def synthetic_batch(config: Config, captions: int, seed: int = 0) -> Batch:
+    """A batch of random stored-size images in the run's group shape, for measuring a step."""
+    import numpy as np
+
+    m = config.images_drawn_per_group
+    size = config.generator.output_size
+    rng = np.random.default_rng(seed)
+    return Batch(
+        images=rng.integers(0, 256, (captions * m, size, size, 3), dtype=np.uint8),
+        caption_ids=np.repeat(np.arange(captions, dtype=np.int64), m),
+        captions=[f"caption {i}" for i in range(captions)],
+        keys=np.arange(captions, dtype=np.int64),
+    )
