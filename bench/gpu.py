@@ -17,10 +17,12 @@ forward per prompt, well under 1 % of the FLOPs) and images are not resized: thi
 ceiling of a generator actor. Fraction of peak = images/s x F(S) / peak, with the cost model's
 F(S) = 1.61 S + 2.5 TFLOP per image.
 
-Training: the project's model for configs/paper-vitb16-sd15.yaml (timm ViT-B/16 + 3-layer MLP
-head), the project's BatchAugment (uint8 256 px -> 224 px crops on the GPU), multi-positive loss
-(m = 6), AdamW, bf16 autocast; images/s and MFU = images/s x 0.105 TFLOP / peak. A model-only
-variant (fixed 224 px input, no augmentation) separates the augmentation cost.
+Training: the one training step (``TrainStep``, what the train loop runs) for
+configs/paper-vitb16-sd15.yaml: timm ViT-B/16 + 3-layer MLP head, the configured objective (the
+multi-positive loss, m = 6), BatchAugment (uint8 256 px -> 224 px crops on the GPU), bf16 autocast,
+gradient clipping, AdamW; images/s (encoder inputs) and MFU = images/s x 0.105 TFLOP / peak. A
+model-only variant (the same step, its augmentation replaced by a fixed 224 px input) separates the
+augmentation cost.
 
 Peak dense bf16 (TFLOP/s), from torch.cuda.get_device_name(): H100 990, H200 990, A100 312
 (--peak-tflops for other cards). Results go to bench/results/gpu.json, which `stablerep-ray plan`
@@ -30,6 +32,7 @@ uses as its measured rate table.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
@@ -243,53 +246,51 @@ def bench_options(args, device, peak) -> list[dict]:
 
 
 # -- training ------------------------------------------------------------------------------------
+def fixed_input(inputs):
+    """An ``Augment`` that ignores the batch and returns ``inputs``, a fixed pre-made tensor of the model
+    input's shape: the model-only variant's stand-in for augmentation."""
+    return lambda images, generator: inputs
+
+
 def bench_training(args, device, peak) -> list[dict]:
-    import numpy as np
+    """The one training step (``TrainStep``, exactly what the train loop runs) at each --train-batches size.
+
+    ``train_step``: a synthetic batch of stored-size uint8 images through the whole step (to the
+    device, augmentation, forward and loss under autocast, backward, clipping, AdamW, schedule).
+    ``model_only``: the same step with ``step.augment`` replaced by a callable that returns a fixed,
+    pre-made tensor of the model input's shape (no augmentation), so the two rows differ by the
+    augmentation's cost alone. ``--compile`` sets ``step.forward = torch.compile(step.model)``.
+    """
     import torch
 
-    from stablerep_ray.augment.batch import BatchAugment
     from stablerep_ray.config import load_config
-    from stablerep_ray.losses.contrastive import multi_positive_loss
-    from stablerep_ray.models import build_model
+    from stablerep_ray.precision import DTYPES
     from stablerep_ray.tools.planner import VIT_B16_TRAIN_TFLOP
-    from stablerep_ray.training import build_optimizer
+    from stablerep_ray.training.step import TrainStep, synthetic_batch
 
     overrides = ["model.name=vit_tiny_patch16_224", "model.image_size=32", "model.head_hidden_dim=64",
-                 "generator.output_size=48"] if args.smoke_cpu else []
+                 "generator.output_size=48", "train.precision=auto"] if args.smoke_cpu else []
     config = load_config(common.ROOT / "configs" / "paper-vitb16-sd15.yaml", overrides)
-    m = config.stream.images_per_group
-    size, stored = config.model.image_size, config.generator.output_size
-    amp = torch.bfloat16 if device.type == "cuda" else None
+    group, size = config.group_size, config.model.image_size
     rows = []
     for compiled in ([False, True] if args.compile else [False]):
         torch.manual_seed(0)
-        model = build_model(config).to(device)
-        optimizer = build_optimizer(model, config)
-        forward = torch.compile(model) if compiled else model
-        augment = BatchAugment(config.augment, size)
+        step = TrainStep.build(config, device)
+        if compiled:
+            step.forward = torch.compile(step.model)
+        dtype = next(k for k, v in DTYPES.items() if v == (step.amp_dtype or torch.float32))
+        augment = step.augment
         for batch in args.train_batches:
-            batch = batch // m * m
-            rng = np.random.default_rng(0)
-            stored_images = torch.from_numpy(rng.integers(0, 256, (batch, stored, stored, 3), dtype=np.uint8)).to(device)
-            fixed = torch.randn(batch, 3, size, size, device=device)
-            labels = torch.arange(batch, device=device) // m
-            generator = torch.Generator(device).manual_seed(0)
-            for variant in ("train_step", "model_only"):
-                def step(variant=variant):
-                    x = augment(stored_images, generator) if variant == "train_step" else fixed
-                    if device.type == "cuda":
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                        loss = multi_positive_loss(forward(x), labels, config.train.temperature)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-
+            data = synthetic_batch(config, batch // group)
+            batch = batch // group * group  # encoder inputs per step
+            fixed = torch.randn(len(data.images), 3, size, size, device=device)
+            for variant, variant_augment in (("train_step", augment), ("model_only", fixed_input(fixed))):
+                step.augment = variant_augment
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                seconds, error = oom_guard(lambda: timed(step, device, warmup=3 if compiled else 2, iters=args.iters * 3))
-                row = {"variant": variant, "batch": batch, "compile": compiled, "image_size": size,
-                       "dtype": "bf16" if amp else "fp32"}
+                run = functools.partial(step, data)
+                seconds, error = oom_guard(functools.partial(timed, run, device, 3 if compiled else 2, args.iters * 3))
+                row = {"variant": variant, "batch": batch, "compile": compiled, "image_size": size, "dtype": dtype}
                 if error:
                     row["error"] = error
                 else:
@@ -303,7 +304,7 @@ def bench_training(args, device, peak) -> list[dict]:
                       + (row["error"] if error else
                          f"{row['images_per_s']:8.1f} images/s"
                          + (f", MFU {row['mfu']:.1%}" if row.get("mfu") is not None else "")), flush=True)
-        model = optimizer = forward = None  # free before the next variant's model
+        step = augment = fixed = run = None  # free before the next variant's model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -375,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     b = best(summary["vit_b16"])
     if b:
         mfu = f", MFU {b['mfu']:.1%}" if b.get("mfu") is not None else ""
-        print(f"  ViT-B/16 train step (augment + fwd + bwd + AdamW): best {b['images_per_s']:.1f} images/s per GPU "
-              f"(batch {b['batch']}){mfu}")
+        print(f"  ViT-B/16 train step (TrainStep: augment + fwd + bwd + AdamW): best {b['images_per_s']:.1f} "
+              f"images/s per GPU (batch {b['batch']}){mfu}")
     for row in option_rows:
         print(f"  option {row['option']:<16}: " + (row.get("error") or f"{row['images_per_s']:.2f} images/s, "
                                                   f"x{row['vs_default']:.2f} vs default"))

@@ -1,0 +1,90 @@
+"""Objectives as registered units, run through the one training step on the CPU."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from stablerep_ray.config import ConfigError, load_config
+from stablerep_ray.losses import multi_positive_loss
+from stablerep_ray.training.objectives import OBJECTIVES
+from stablerep_ray.training.step import TrainStep, synthetic_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+TINY = ["model.kwargs.depth=1", "model.head_hidden_dim=32", "model.embed_dim=16", "model.text.width=32",
+        "model.text.layers=1", "model.text.heads=2", "model.text.context_length=16", "train.batch_size=32"]
+
+
+def _config(objective: str):
+    return load_config(QUICKSTART, [*TINY, f"train.objective={objective}"])
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_objective_trains_through_the_one_step(name):
+    config = _config(name)
+    torch.manual_seed(0)
+    step = TrainStep.build(config, torch.device("cpu"), seed=0)
+    before = [p.detach().clone() for p in step.model.parameters()]
+    captions = config.captions_per_worker_step
+    for i in range(2):
+        result = step(synthetic_batch(config, captions, seed=i))
+        assert torch.isfinite(result.loss)
+        assert result.labels.shape[0] == captions * config.group_size == config.train.batch_size // 2
+        assert result.metrics and all(k.startswith("loss/") for k in result.metrics)
+    assert step.step == 2
+    changed = [not torch.equal(a, b) for a, b in zip(before, step.model.parameters(), strict=True)]
+    assert all(changed), f"{name}: {changed.count(False)} parameter tensors did not train"
+    restored = TrainStep.build(config, torch.device("cpu"))
+    restored.load_state_dict(step.state_dict())
+    assert restored.step == 2 and restored.scheduler.last_epoch == step.scheduler.last_epoch
+
+
+def test_stablerep_step_minimises_the_multi_positive_loss_of_its_views():
+    config = _config("stablerep")
+    torch.manual_seed(0)
+    step = TrainStep.build(config, torch.device("cpu"), seed=3)
+    batch = synthetic_batch(config, config.captions_per_worker_step)
+    generator = torch.Generator().manual_seed(3)
+    inputs, labels = step.objective.views(torch.from_numpy(batch.images), torch.from_numpy(batch.caption_ids),
+                                          step.augment, generator)
+    with torch.no_grad():
+        expected = multi_positive_loss(step.model(inputs), labels, config.train.temperature)
+    assert torch.allclose(step(batch).loss, expected, atol=1e-5)
+
+
+def test_simclr_positives_are_the_two_views_of_one_image():
+    config = _config("simclr")
+    assert (config.images_drawn_per_group, config.group_size) == (1, 2)
+    step = TrainStep.build(config, torch.device("cpu"))
+    batch = synthetic_batch(config, 4)
+    inputs, labels = step.objective.views(torch.from_numpy(batch.images), torch.from_numpy(batch.caption_ids),
+                                          step.augment, step.generator)
+    assert inputs.shape[0] == 8 and labels.tolist() == [0, 1, 2, 3] * 2
+
+
+def test_unknown_objective_names_the_key_and_the_choices():
+    with pytest.raises(ConfigError, match=r"train\.objective: unknown objective 'byol'.*simclr"):
+        _config("byol")
+
+
+# The loop, planner, sweeps and benchmarks ask the objective class, never its name.
+_NAME_TEST = re.compile(
+    r"objective\s*(==|!=)|objective\s+in\s+[(\[{]|(==|!=)\s*['\"](" + "|".join(OBJECTIVES) + r")['\"]"
+)
+
+
+def test_no_code_outside_the_registry_branches_on_an_objective_name():
+    registry = ROOT / "stablerep_ray" / "training" / "objectives"
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for folder in ("stablerep_ray", "bench", "jobs")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if registry not in path.parents
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if _NAME_TEST.search(line)
+    ]
+    assert not offenders, "\n".join(offenders)
