@@ -28,6 +28,8 @@ import shlex
 import sys
 import time
 
+from stablerep_ray.training.objectives import OBJECTIVES
+
 from . import common  # also sets RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 before ray is imported
 
 ROOT, RESULTS = common.ROOT, common.RESULTS
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=0, help="steps per run (0: the config's train.steps)")
     p.add_argument("--objectives", nargs="+", default=["stablerep", "simclr"],
-                   choices=["stablerep", "simclr"])
+                   choices=sorted(OBJECTIVES))
     p.add_argument("--attributes", nargs="+", default=None,
                    help="simulator attributes to score (default: the config's eval attribute)")
     p.add_argument("--per-class", type=int, default=100, help="held-out images per class (bank and queries each)")
@@ -146,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     summary: dict[str, dict[str, dict[str, float]]] = {}
-    for objective in ["random", *args.objectives]:
-        rows = [r for r in runs if r["objective"] == objective]
-        summary[objective] = {a: summarise([r["knn_top1"][a] for r in rows]) for a in attributes}
+    for name in ["random", *args.objectives]:
+        rows = [r for r in runs if r["objective"] == name]
+        summary[name] = {a: summarise([r["knn_top1"][a] for r in rows]) for a in attributes}
 
     chance = {a: 1.0 / len(__import__("stablerep_ray.tools.simulator", fromlist=["ATTRIBUTES"]).ATTRIBUTES[a])
               for a in attributes}
@@ -159,15 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     for objective, per_attr in summary.items():
         cells = [f"{s['mean']:.3f} +- {s['std']:.3f}" for s in per_attr.values()]
         print(f"| {objective} | " + " | ".join(cells) + " |")
-    if "stablerep" in summary and "simclr" in summary:
+    if len(args.objectives) >= 2:  # the first objective against the second, paired by seed
+        first, second = args.objectives[:2]
+        by_run = {(r["objective"], r["seed"]): r["knn_top1"] for r in runs}
         for a in attributes:
-            diffs = [
-                next(r for r in runs if r["objective"] == "stablerep" and r["seed"] == s)["knn_top1"][a]
-                - next(r for r in runs if r["objective"] == "simclr" and r["seed"] == s)["knn_top1"][a]
-                for s in args.seeds
-            ]
-            d = summarise(diffs)
-            print(f"stablerep - simclr on {a}, paired by seed: {d['mean']:+.3f} +- {d['std']:.3f} "
+            d = summarise([by_run[first, s][a] - by_run[second, s][a] for s in args.seeds])
+            print(f"{first} - {second} on {a}, paired by seed: {d['mean']:+.3f} +- {d['std']:.3f} "
                   f"(min {d['min']:+.3f}, max {d['max']:+.3f})")
     elapsed = time.perf_counter() - start
     print(f"total {elapsed / 60:.1f} min")
