@@ -16,8 +16,10 @@ import torch
 from PIL import Image
 
 from stablerep_ray import evaluation as ev
-from stablerep_ray.config import ConfigError, from_dict
+from stablerep_ray.config import ConfigError, EvalConfig, from_dict
+from stablerep_ray.evaluation import features as ev_features
 from stablerep_ray.models import MODEL_FILE, build_model, save_model
+from stablerep_ray.models.io import load_checked_model
 from stablerep_ray.tools.simulator import render_eval_set, write_image_folder
 
 TINY = {
@@ -347,8 +349,8 @@ def test_evaluate_in_process_writes_results_and_reuses_cache(checkpoint, tmp_pat
     def boom(*args, **kwargs):
         raise AssertionError("features recomputed despite the cache")
 
-    monkeypatch.setattr(ev, "extract_features", boom)
-    monkeypatch.setattr(ev, "load_labelled_images", boom)
+    monkeypatch.setattr(ev_features, "extract_features", boom)
+    monkeypatch.setattr(ev_features, "load_labelled_images", boom)
     again = ev.evaluate(checkpoint, "simulator:shape:6", method="knn", use_ray=False)
     assert (
         again["feature_cache"]["hit"]
@@ -377,7 +379,7 @@ def test_evaluate_on_ray_actor_pool_matches_in_process(checkpoint, tmp_path, ray
         use_ray=True,
         cache_dir=cache_dir,
     )
-    for a, b in zip(local, cached):
+    for a, b in zip(local, cached, strict=True):
         assert b.cached  # second call: read back, no actor pool
         np.testing.assert_allclose(a.features, b.features, rtol=1e-4, atol=1e-4)
         assert np.array_equal(a.labels, b.labels)
@@ -386,7 +388,7 @@ def test_evaluate_on_ray_actor_pool_matches_in_process(checkpoint, tmp_path, ray
     )
     # on a node that cannot see the checkpoint path, actors load the driver's copy from the object store
     model_ref = ray_session.put((checkpoint / MODEL_FILE).read_bytes())
-    actor = ev._FeatureActor("/nonexistent/model.pt", 32, 8, [model_ref])
+    actor = ev_features._FeatureActor("/nonexistent/model.pt", 32, 8, [model_ref])
     images = render_eval_set("color", per_class=1, size=16)[0]
     out = actor({"idx": np.arange(len(images)), "image": images})
     expected = ev.extract_features(actor.model, images, 32).numpy()
@@ -420,7 +422,7 @@ def test_evaluate_rejects_bad_data_and_method(checkpoint, tmp_path):
 def test_corrupt_model_file_is_rejected(tmp_path):
     (tmp_path / MODEL_FILE).write_bytes(b"not a torch file")
     with pytest.raises(ConfigError, match="not a readable stablerep-ray model file"):
-        ev.load_checked_model(tmp_path)
+        load_checked_model(tmp_path)
 
 
 def test_evaluate_train_test_folders_align_classes_and_split(checkpoint, tmp_path):
@@ -429,7 +431,11 @@ def test_evaluate_train_test_folders_align_classes_and_split(checkpoint, tmp_pat
     keep = labels > 0
     write_image_folder(tmp_path / "test", images[keep], labels[keep] - 1, names[1:])  # no "one"
     out = ev.evaluate(
-        checkpoint, f"{tmp_path}/train:{tmp_path}/test", output=tmp_path / "o", use_ray=False, k=1
+        checkpoint,
+        f"{tmp_path}/train:{tmp_path}/test",
+        EvalConfig(knn_k=1),
+        output=tmp_path / "o",
+        use_ray=False,
     )
     assert out["classes"] == names and (out["num_train"], out["num_test"]) == (12, 8)
     assert out["metrics"]["knn_top1"] == 1.0  # test images are train images

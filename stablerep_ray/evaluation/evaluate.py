@@ -1,0 +1,204 @@
+"""Entry points: :class:`OnlineKNN` scores the model being trained (rank 0, every ``eval.every``
+steps) and :func:`evaluate` scores a saved checkpoint (``stablerep-ray eval``). Both take their knobs
+from the schema's ``EvalConfig`` (k, temperature, batch size, image cap), so an offline score and the
+online curve of the same run are measured the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, EvalConfig
+from ..models.io import load_checked_model, model_file
+from ..storage import write_json_atomic
+from .cache import FeatureSet
+from .classifiers import knn_accuracy, linear_probe
+from .datasets import DEFAULT_TEST_FRACTION, align_classes, hold_out, load_eval_split
+from .features import compute_feature_sets, extract_features
+from .specs import check_data_spec
+
+METHODS = ("knn", "linear", "both")
+
+
+class OnlineKNN:
+    """Online kNN monitor for rank 0 of the training loop (``config.eval``).
+
+    The labelled sets are loaded once at construction (``load_eval_split``); ``evaluate(model,
+    device)`` extracts features in-process (no collective: call it on rank 0 only, with the
+    unwrapped model) and returns ``{"eval/knn_top1": accuracy}``.
+    """
+
+    def __init__(self, config):
+        self.config = config.eval
+        self.image_size = config.model.image_size
+        self.train, self.test = load_eval_split(
+            self.config.data, self.config.max_images, seed=config.train.seed
+        )
+        self._images = (torch.from_numpy(self.train.images), torch.from_numpy(self.test.images))
+
+    def evaluate(
+        self, model: torch.nn.Module, device: str | torch.device | None = None
+    ) -> dict[str, float]:
+        bank, queries = (
+            extract_features(model, images, self.image_size, self.config.batch_size, device)
+            for images in self._images
+        )
+        acc = knn_accuracy(
+            bank,
+            self.train.labels,
+            queries,
+            self.test.labels,
+            self.config.knn_k,
+            self.config.knn_temperature,
+            len(self.train.class_names),
+        )
+        return {"eval/knn_top1": acc}
+
+
+@contextlib.contextmanager
+def _ray_session(use_ray: bool | None) -> Iterator[bool]:
+    """Whether features come from the Ray actor pool: ``None`` uses Ray when it is already up;
+    ``True`` starts a local Ray when none is (and stops it afterwards)."""
+    if use_ray is False:
+        yield False
+        return
+    import ray
+
+    started = bool(use_ray) and not ray.is_initialized()
+    if started:
+        ray.init()
+    try:
+        yield ray.is_initialized()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _score(train: FeatureSet, test: FeatureSet, method: str, config: EvalConfig):
+    """(metrics, details) of the kNN and/or the linear probe on (train, test) features."""
+    metrics: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    if method in ("knn", "both"):
+        metrics["knn_top1"] = knn_accuracy(
+            train.features,
+            train.labels,
+            test.features,
+            test.labels,
+            config.knn_k,
+            config.knn_temperature,
+            len(train.class_names),
+        )
+    if method in ("linear", "both"):
+        probe = linear_probe(train.features, train.labels, test.features, test.labels)
+        metrics["linear_top1"] = probe["top1"]
+        metrics["linear_mean_per_class"] = probe["mean_per_class"]
+        metrics["linear_C"] = probe["C"]
+        details["linear_val_top1"] = probe["val_top1"]
+    return metrics, details
+
+
+def _write_scalars(out_dir: Path, metrics: dict[str, float], step: int | None) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(out_dir))
+    try:
+        for name, value in metrics.items():
+            writer.add_scalar(f"eval/{name}", value, global_step=step or 0)
+    finally:
+        writer.close()
+
+
+def evaluate(
+    checkpoint: str | os.PathLike,
+    data: str,
+    eval_config: EvalConfig | None = None,
+    method: str = "knn",
+    output: str | os.PathLike | None = None,
+    *,
+    use_ray: bool | None = None,
+    device: str | torch.device | None = None,
+    num_actors: int = 1,
+    num_gpus_per_actor: float = 0.0,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    step: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint's frozen CLS features with kNN and/or a linear probe.
+
+    ``data`` is an eval spec (``parse_data_spec``; it overrides ``eval_config.data``), scored with
+    ``eval_config``'s kNN k and temperature, batch size and image cap (``None``: the ``eval``
+    section of the run that wrote the checkpoint, so offline kNN scores as the run's online kNN did).
+    Features come from the Ray actor pool (``num_actors`` actors, ``num_gpus_per_actor`` GPUs each)
+    when ``use_ray`` (default: whether Ray is initialised), else in-process on ``device``; both are
+    cached per checkpoint. Writes ``results.json`` and TensorBoard scalars (``eval/knn_top1``,
+    ``eval/linear_top1``, ``eval/linear_mean_per_class``) to ``output`` (default
+    ``<checkpoint>/eval``) and returns the results dict.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+    started = time.perf_counter()
+    train_spec, test_spec = check_data_spec(data)  # cheap: fail before any model or Ray work
+    file = model_file(checkpoint)
+    model, model_config = load_checked_model(file)  # rejects a state/architecture mismatch up front
+    config = eval_config or model_config.eval
+    image_size = model_config.model.image_size
+    with _ray_session(use_ray) as use_ray:
+        sets = compute_feature_sets(
+            file,
+            [spec for spec in (train_spec, test_spec) if spec is not None],
+            image_size=image_size,
+            batch_size=config.batch_size,
+            max_images=config.max_images,
+            use_ray=use_ray,
+            model=model,
+            device=device,
+            num_actors=num_actors,
+            num_gpus_per_actor=num_gpus_per_actor,
+            cache=cache,
+            cache_dir=cache_dir,
+        )
+    if test_spec is None:
+        tr, te = hold_out(sets[0].labels, data)
+        train, test = sets[0].subset(tr), sets[0].subset(te)
+    else:
+        train, test = sets[0], align_classes(sets[0].class_names, sets[1], test_spec)
+    metrics, details = _score(train, test, method, config)
+
+    out_dir = Path(output) if output else file.parent / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    held_out = f"stratified {DEFAULT_TEST_FRACTION:g} split, seed 0"
+    results = {
+        "method": method,
+        "metrics": metrics,
+        "checkpoint": str(checkpoint),
+        "data": data,
+        "train_data": train_spec,
+        "test_data": test_spec or f"{train_spec} ({held_out})",
+        "num_train": len(train),
+        "num_test": len(test),
+        "num_classes": len(train.class_names),
+        "classes": list(train.class_names),
+        "image_size": image_size,
+        "feature_dim": int(train.features.shape[1]),
+        "knn": {"k": config.knn_k, "temperature": config.knn_temperature},
+        "feature_cache": {
+            "train": train.cache_path,
+            "test": test.cache_path,
+            "hit": bool(train.cached and test.cached),
+        },
+        "features_via": "ray" if use_ray else "in-process",
+        "step": step,
+        "seconds": round(time.perf_counter() - started, 3),
+        **details,
+    }
+    write_json_atomic(out_dir / "results.json", results)
+    _write_scalars(out_dir, metrics, step)
+    results["output"] = str(out_dir)
+    return results
