@@ -98,7 +98,7 @@ def consumption_loop(loop_config):
     stream = GroupStream(shard.iter_batches(batch_size=None, batch_format="numpy"),
                          captions_per_step=config.captions_per_worker_step,
                          images_per_group=config.images_drawn_per_group, reuse=config.stream.reuse,
-                         buffer_bytes=int(config.stream.buffer_mb * 2**20), seed=rank)
+                         buffer_groups=config.buffer_groups, seed=rank)
     batches = []
     for _ in range(config.train.steps):
         batch = stream.next_batch()
@@ -114,8 +114,8 @@ def test_groups_stay_whole_and_are_served_at_most_r_times(tmp_path, reuse):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cap_mb = 0.05
-    config = base_config(tmp_path, stream={"reuse": reuse, "buffer_mb": cap_mb}, train={"steps": 12})
+    config = base_config(tmp_path, stream={"reuse": reuse}, train={"steps": 12})
+    cap = config.buffer_groups * config.group_bytes  # the auto buffer
     TorchTrainer(
         consumption_loop,
         train_loop_config={"config": config.model_dump(mode="json"), "out": str(tmp_path)},
@@ -127,7 +127,7 @@ def test_groups_stay_whole_and_are_served_at_most_r_times(tmp_path, reuse):
     served, owner = Counter(), {}
     for rank, record in enumerate(records):
         assert len(record["batches"]) == 12
-        assert record["peak"] <= cap_mb * 2**20
+        assert record["peak"] <= cap
         for batch in record["batches"]:
             assert len(set(batch["keys"])) == len(batch["keys"]) == config.captions_per_worker_step
             served.update(batch["keys"])

@@ -30,7 +30,7 @@ def generator_batches(num_groups, n=4, size=8, per_call=3, start=0):
 
 def test_pure_streaming_serves_every_group_exactly_once_in_whole_groups():
     stream = GroupStream(generator_batches(100), captions_per_step=5, images_per_group=3, reuse=1,
-                         buffer_bytes=1 << 30, seed=0)
+                         buffer_groups=5, seed=0)
     served = Counter()
     for _ in range(20):
         batch = stream.next_batch()
@@ -51,30 +51,58 @@ def test_pure_streaming_serves_every_group_exactly_once_in_whole_groups():
 
 @pytest.mark.parametrize("reuse", [2, 3, 5])
 def test_reuse_serves_at_most_r_times_and_amplifies(reuse):
-    k, steps = 6, 60
+    k, steps, capacity = 6, 60, 4 * reuse * 6
     stream = GroupStream(generator_batches(10_000), captions_per_step=k, images_per_group=2,
-                         reuse=reuse, buffer_bytes=1 << 30, seed=1)
+                         reuse=reuse, buffer_groups=capacity, seed=1)
     served = Counter()
     for _ in range(steps):
         batch = stream.next_batch()
         assert len(set(batch.keys.tolist())) == k
         served.update(batch.keys.tolist())
+        assert len(stream.buffer) <= capacity
     assert max(served.values()) <= reuse
-    admitted = stream.admitted
-    assert admitted == pytest.approx(k * steps / reuse, abs=k), "R trades generation for reuse"
     assert sum(served.values()) == k * steps
+    # Every group but those still buffered left after exactly R serves: R trades generation for reuse.
+    assert k * steps / reuse <= stream.admitted <= k * steps / reuse + capacity
+    assert sum(1 for n in served.values() if n < reuse) <= len(stream.buffer)
 
 
-def test_memory_cap_is_respected():
-    group_bytes = 4 * 8 * 8 * 3
-    cap = 9 * group_bytes
+def test_paper_shape_serves_mix_across_many_steps():
+    """The paper's stream per worker: K = 43 captions a step, n = 10, m = 6, R = 9, the auto buffer."""
+    k, reuse, n, size = 43, 9, 10, 8
+    capacity = 2 * reuse * k  # what stream.buffer_mb = 0 (auto) gives
+    stream = GroupStream(generator_batches(100_000, n=n, size=size, per_call=64), captions_per_step=k,
+                         images_per_group=6, reuse=reuse, buffer_groups=capacity, seed=3)
+    batches, held = [], []
+    for _ in range(600):
+        batches.append(stream.next_batch().keys.tolist())
+        held.append(len(stream.buffer))
+    assert stream.buffer.peak_bytes <= capacity * n * size * size * 3, "memory under the cap"
+    full = held.index(max(held))
+    assert full < 100 and min(held[full:]) >= capacity - k, "the buffer fills up, then stays full"
+    steady = batches[full:]
+    overlaps = [len(set(a) & set(b)) / k for a, b in zip(steady, steady[1:], strict=False)]
+    assert max(overlaps) <= 2 / reuse, "consecutive batches share few captions"
+    assert np.mean(overlaps) <= 1 / reuse
+    served = Counter(key for keys in batches for key in keys)
+    still_buffered = {g.key for g in stream.buffer.groups}
+    assert {n for key, n in served.items() if key not in still_buffered} == {reuse}, "served exactly R times"
+    assert all(served[key] < reuse for key in still_buffered)
+    gaps = stream.buffer.gap_steps / stream.buffer.gaps
+    assert gaps >= capacity / k / 2, f"serves of a group {gaps:.1f} steps apart on average"
+    stats = stream.stats()
+    assert stats["stream/buffer_fill"] > 0.95
+    assert stats["stream/fresh_groups_per_step"] == pytest.approx(k / reuse, rel=0.2)
+
+
+def test_buffer_never_exceeds_its_groups():
     stream = GroupStream(generator_batches(10_000), captions_per_step=6, images_per_group=2,
-                         reuse=8, buffer_bytes=cap, seed=2)
+                         reuse=8, buffer_groups=9, seed=2)
     served = Counter()
     for _ in range(50):
         served.update(stream.next_batch().keys.tolist())
-        assert stream.buffer.nbytes <= cap
-    assert stream.buffer.peak_bytes <= cap
+        assert len(stream.buffer) <= 9
+    assert stream.buffer.peak_bytes <= 9 * 4 * 8 * 8 * 3
     assert max(served.values()) <= 8
 
 
@@ -91,7 +119,7 @@ def test_progress_counts_rows_the_stream_skips():
     for batch in batches:
         batch["num_images"][batch["row"] == 0] = 0
     stream = GroupStream(iter(batches), captions_per_step=4, images_per_group=2, reuse=1,
-                         buffer_bytes=1 << 30, seed=0)
+                         buffer_groups=4, seed=0)
     for _ in range(3):  # 14 rows, 2 unservable: 12 groups
         stream.next_batch()
     with pytest.raises(StreamExhausted):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from pydantic import Field, model_validator
 
 from ..training.objectives import get_objective
 from .sections import (
+    MIX_FACTOR,
     AugmentConfig,
     CaptionsConfig,
     ClusterConfig,
@@ -62,12 +64,26 @@ class Config(_Section):
             raise ValueError(
                 f"generator.resolution: {self.generator.resolution} must be a multiple of 8"
             )
+        self._check_buffer()
         if not self.captions.source:
             raise ValueError("captions.source: set a caption file, directory or URI")
         lo, hi = self.augment.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"augment.crop_scale: need 0 < low <= high <= 1, got {lo, hi}")
         return self
+
+    def _check_buffer(self) -> None:
+        """The replay buffer must hold one step's groups, and R steps' worth for reuse to mix."""
+        k, reuse, groups = self.captions_per_worker_step, self.stream.reuse, self.buffer_groups
+        need = k if reuse == 1 else reuse * k
+        if groups < need:
+            mib = math.ceil(need * self.group_bytes / 2**20)
+            why = "one step's" if reuse == 1 else f"stream.reuse={reuse} x one step's"
+            raise ValueError(
+                f"stream.buffer_mb: {self.stream.buffer_mb:g} MiB holds {groups} caption groups of "
+                f"{self.generator.images_per_caption} images per worker, fewer than {why} {k} groups; "
+                f"set it to at least {mib} or to 0 (auto)"
+            )
 
     # -- derived quantities used across stages ------------------------------------------------
     @property
@@ -85,12 +101,25 @@ class Config(_Section):
         return self.train.batch_size // (self.group_size * self.train.num_workers)
 
     @property
+    def group_bytes(self) -> int:
+        """Bytes of one caption group in the stream: n images at the stored size, uint8 RGB."""
+        return self.generator.images_per_caption * self.generator.output_size**2 * 3
+
+    @property
+    def buffer_groups(self) -> int:
+        """Caption groups each worker's replay buffer holds (``stream.buffer_mb``, or auto)."""
+        if self.stream.buffer_mb:
+            return int(self.stream.buffer_mb * 2**20 // self.group_bytes)
+        k, reuse = self.captions_per_worker_step, self.stream.reuse
+        return k if reuse == 1 else MIX_FACTOR * reuse * k
+
+    @property
     def stream_object_store_bytes(self) -> int:
         """``stream.object_store_mb`` in bytes, or the auto budget (see its description)."""
         if self.stream.object_store_mb:
             return int(self.stream.object_store_mb * 2**20)
         g = self.generator
-        row = g.images_per_caption * g.output_size**2 * 3  # one caption's images, uint8
+        row = self.group_bytes
         in_flight = g.num_actors * 2 * g.captions_per_call * row  # Ray Data: 2 calls per actor
         prefetched = self.train.num_workers * (self.stream.prefetch_batches + 2) * self.captions_per_worker_step * row
         return max(64 * 2**20, 2 * (in_flight + prefetched))

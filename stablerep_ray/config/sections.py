@@ -91,6 +91,9 @@ class GeneratorConfig(_Section):
     )
 
 
+MIX_FACTOR = 2  # auto replay buffer at R > 1: MIX_FACTOR * R * K groups (consecutive batches share ~1/(2R))
+
+
 class StreamConfig(_Section):
     images_per_group: int = Field(
         6, gt=0, description="m: images of one caption in a batch, drawn afresh from its n each time."
@@ -102,7 +105,11 @@ class StreamConfig(_Section):
         "buffer (1 = pure streaming, each group used exactly once).",
     )
     buffer_mb: float = Field(
-        1024.0, gt=0, description="Memory cap of each train worker's replay buffer, in MiB."
+        0.0,
+        ge=0,
+        description="Memory of each train worker's replay buffer, in MiB; it holds buffer_mb / (n x "
+        "output_size^2 x 3 bytes) caption groups. 0 = auto: one step's groups at reuse 1, "
+        f"{MIX_FACTOR} x reuse x one step's groups above, so a group's serves spread over many steps.",
     )
     prefetch_batches: int = Field(2, ge=0, description="Ray Data batches prefetched by each worker.")
     object_store_mb: float = Field(

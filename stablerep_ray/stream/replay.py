@@ -1,9 +1,10 @@
 """Worker side of the stream: caption groups from the Ray Data shard -> replay buffer -> batches.
 
 Generating an image costs hundreds of training steps on it (docs: cost model), so each worker keeps a
-bounded in-memory replay of recent caption groups. A group is served up to ``reuse`` (R) times, each
-time with a fresh m-of-n image subset (and fresh augmentation on the device), then evicted. R = 1 is
-pure streaming: every group is served exactly once, in arrival order. Nothing touches the disk.
+bounded in-memory replay of caption groups. A group is served ``reuse`` (R) times, each time with a
+fresh m-of-n image subset (and fresh augmentation on the device), at random steps among all buffered
+groups, then evicted. R = 1 is pure streaming: every group is served exactly once, in arrival order.
+Nothing touches the disk.
 
 A batch is K whole caption groups; a group never straddles two batches, and since the shard hands each
 row to exactly one worker, never two workers.
@@ -35,6 +36,7 @@ class Group:
     images: np.ndarray  # (n, S, S, 3) uint8; the first num_images are valid
     num_images: int
     served: int = 0
+    last_step: int = -1  # the step of its latest serve
 
     @property
     def nbytes(self) -> int:
@@ -102,62 +104,76 @@ def iter_groups(batches: Iterator[dict], min_images: int, progress: ChunkProgres
                 key=stream_key(int(batch["chunk"][i]), int(batch["row"][i])),
                 caption_id=int(batch["caption_id"][i]),
                 caption=str(batch["caption"][i]),
-                images=np.asarray(batch["images"][i]),
+                # A copy: a view would keep the whole generator block (and its object-store
+                # memory) alive for as long as any one of its groups is buffered.
+                images=np.array(batch["images"][i]),
                 num_images=count,
             )
 
 
 class ReplayBuffer:
-    """Caption groups kept for reuse; each served at most ``reuse`` times; bytes capped."""
+    """Caption groups held for reuse, at most ``capacity`` of them.
 
-    def __init__(self, reuse: int, capacity_bytes: int, rng: np.random.Generator):
+    R = 1 is a queue: K groups served in arrival order, once each. For R > 1 every serve draws K
+    distinct groups uniformly among all held ones, so a group's R serves land at random later steps,
+    among many other groups', and it leaves after its R-th serve.
+    """
+
+    def __init__(self, reuse: int, capacity: int, rng: np.random.Generator):
         self.reuse = reuse
-        self.capacity_bytes = capacity_bytes
+        self.capacity = capacity
         self.rng = rng
         self.groups: list[Group] = []
         self.nbytes = 0
         self.peak_bytes = 0
-        self.evicted_early = 0  # evicted for memory before being served R times
+        self.gap_steps = 0  # steps between consecutive serves of a group, summed ...
+        self.gaps = 0  # ... over this many repeat serves
 
     def __len__(self) -> int:
         return len(self.groups)
 
     def add(self, group: Group) -> None:
-        while self.groups and self.nbytes + group.nbytes > self.capacity_bytes:
-            most_served = max(range(len(self.groups)), key=lambda i: self.groups[i].served)
-            self.evicted_early += 1
-            self._remove(most_served)
+        if len(self.groups) >= self.capacity:
+            raise RuntimeError(f"replay buffer full ({self.capacity} groups); the stream admits only into free room")
         self.groups.append(group)
         self.nbytes += group.nbytes
         self.peak_bytes = max(self.peak_bytes, self.nbytes)
 
-    def _remove(self, index: int) -> None:
-        self.nbytes -= self.groups[index].nbytes
-        self.groups.pop(index)
-
-    def take(self, k: int) -> list[Group]:
-        """k distinct groups: the fresh ones first (each arrives once), the rest at random."""
+    def take(self, k: int, step: int) -> list[Group]:
+        """k distinct groups to serve at ``step``; those served R times leave the buffer."""
         if self.reuse == 1:
-            chosen = list(range(k))  # pure streaming: arrival order
+            chosen = np.arange(k)
         else:
-            fresh = [i for i, g in enumerate(self.groups) if g.served == 0][:k]
-            others = [i for i, g in enumerate(self.groups) if g.served > 0]
-            extra = self.rng.choice(len(others), size=k - len(fresh), replace=False) if k > len(fresh) else []
-            chosen = fresh + [others[j] for j in extra]
+            chosen = np.sort(self.rng.choice(len(self.groups), size=k, replace=False))
         taken = [self.groups[i] for i in chosen]
         for group in taken:
+            if group.served:
+                self.gap_steps += step - group.last_step
+                self.gaps += 1
             group.served += 1
-        for i in sorted(chosen, reverse=True):
+            group.last_step = step
+        for i in chosen[::-1]:  # descending, so a swapped-in last group is never one still to remove
             if self.groups[i].served >= self.reuse:
-                self._remove(i)
+                self._remove(int(i))
         return taken
+
+    def _remove(self, index: int) -> None:
+        """Remove without shifting: the last group takes the slot (order matters only at R = 1)."""
+        group = self.groups[index]
+        self.nbytes -= group.nbytes
+        if self.reuse == 1:
+            self.groups.pop(index)
+        else:
+            self.groups[index] = self.groups[-1]
+            self.groups.pop()
 
 
 class GroupStream:
     """Turns a worker's shard iterator into batches of K caption groups x m images.
 
-    Per step it admits K/R new groups on average (fractional credit), and always enough to have K
-    groups to serve, so R trades generation for reuse exactly.
+    At R = 1 it admits exactly the K groups a step serves. For R > 1 it admits up to K fresh groups
+    a step until the buffer holds ``buffer_groups``, then refills only what the last step evicted:
+    about K/R a step, so R trades generation for reuse exactly.
     """
 
     def __init__(
@@ -166,26 +182,28 @@ class GroupStream:
         captions_per_step: int,
         images_per_group: int,
         reuse: int,
-        buffer_bytes: int,
+        buffer_groups: int,
         seed: int,
     ):
+        if buffer_groups < captions_per_step:
+            raise ValueError(f"a replay buffer of {buffer_groups} groups cannot serve {captions_per_step} a step")
         self.progress = ChunkProgress()
         self.groups = iter_groups(batches, images_per_group, self.progress)
         self.k = captions_per_step
         self.m = images_per_group
         self.rng = np.random.default_rng(seed)
-        self.buffer = ReplayBuffer(reuse, buffer_bytes, self.rng)
-        self.credit = 0.0
+        self.buffer = ReplayBuffer(reuse, buffer_groups, self.rng)
+        self.step = 0
         self.wait_seconds = 0.0  # time blocked on the shard: the trainer's data-wait
         self.admitted = 0  # groups that entered the buffer
+        self._last_stats = (0, 0)  # (step, admitted) when stats() was last read
 
-    def _admit(self, count: int) -> int:
+    def _admit(self, count: int) -> None:
         start = time.perf_counter()
-        admitted = 0
         try:
             for _ in range(count):
                 self.buffer.add(next(self.groups))
-                admitted += 1
+                self.admitted += 1
         except StopIteration:
             if len(self.buffer) < self.k:
                 raise StreamExhausted(
@@ -194,15 +212,29 @@ class GroupStream:
                 ) from None
         finally:
             self.wait_seconds += time.perf_counter() - start
-        self.admitted += admitted
-        return admitted
+
+    def stats(self, world: int = 1) -> dict[str, float]:
+        """TensorBoard scalars of the stream since the last call (``world``: workers, all alike)."""
+        step, admitted = self._last_stats
+        self._last_stats = (self.step, self.admitted)
+        buffer = self.buffer
+        stats = {
+            "stream/buffer_mb": buffer.nbytes / 2**20,
+            "stream/buffer_fill": len(buffer) / buffer.capacity,
+            "stream/groups_admitted": self.admitted * world,
+            "stream/fresh_groups_per_step": (self.admitted - admitted) / max(1, self.step - step),
+        }
+        if buffer.gaps:
+            stats["stream/steps_between_serves"] = buffer.gap_steps / buffer.gaps
+        return stats
 
     def next_batch(self) -> Batch:
-        self.credit += self.k / self.buffer.reuse
-        wanted = max(int(self.credit), self.k - len(self.buffer))
-        admitted = self._admit(wanted)
-        self.credit -= admitted
-        groups = self.buffer.take(self.k)
+        if self.buffer.reuse == 1:
+            self._admit(self.k - len(self.buffer))
+        else:
+            self._admit(min(self.k, self.buffer.capacity - len(self.buffer)))
+        groups = self.buffer.take(self.k, self.step)
+        self.step += 1
         images, labels = [], []
         for group in groups:
             pick = self.rng.choice(group.num_images, size=self.m, replace=False)

@@ -52,7 +52,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         captions_per_step=config.captions_per_worker_step,
         images_per_group=config.images_drawn_per_group,
         reuse=config.stream.reuse,
-        buffer_bytes=int(config.stream.buffer_mb * 2**20),
+        buffer_groups=config.buffer_groups,
         seed=t.seed * 1000 + rank + 7919 * start_step,
     )
 
@@ -100,8 +100,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 writer.add_scalar("throughput/images_per_s", interval_steps * t.batch_size / elapsed, index)
                 writer.add_scalar("throughput/data_wait_fraction", interval_wait / elapsed, index)
                 writer.add_scalar("stream/positives_per_anchor", positives_per_anchor(result.labels), index)
-                writer.add_scalar("stream/buffer_mb", stream.buffer.nbytes / 2**20, index)
-                writer.add_scalar("stream/groups_admitted", stream.admitted * world, index)
+                for name, value in stream.stats(world).items():
+                    writer.add_scalar(name, value, index)
             interval_start, interval_wait, interval_steps = time.perf_counter(), 0.0, 0
 
         # Reading the loss syncs the GPU, so the report is built only on steps that evaluate or checkpoint.
