@@ -97,6 +97,12 @@ class Config(_Section):
         return get_objective(self.train.objective).images_drawn_per_group(self)
 
     @property
+    def peak_lr(self) -> float:
+        """The learning rate after warm-up (``train.lr_scaling`` of ``train.base_lr``)."""
+        t = self.train
+        return t.base_lr * t.batch_size / 256 / (2 if t.lr_scaling == "authors" else 1)
+
+    @property
     def captions_per_worker_step(self) -> int:
         return self.train.batch_size // (self.group_size * self.train.num_workers)
 

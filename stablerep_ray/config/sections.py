@@ -174,7 +174,12 @@ class TrainConfig(_Section):
         8256, gt=0, description="Global images per step (all workers); a multiple of m x num_workers."
     )
     steps: int = Field(1000, gt=0, description="Optimiser steps in the run.")
-    base_lr: float = Field(2e-4, gt=0, description="Learning rate per 256 images: lr = base_lr*batch/256.")
+    base_lr: float = Field(2e-4, gt=0, description="Learning rate per 256 images (train.lr_scaling turns it into the peak lr).")
+    lr_scaling: Literal["authors", "linear"] = Field(
+        "authors",
+        description="Peak lr from base_lr. 'authors': base_lr x batch_size / 256 / 2, as StableRep's released "
+        "code (its crop-count factor num_crops / 2 with one crop per image); 'linear': base_lr x batch_size / 256.",
+    )
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on norms or biases).")
     betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas.")
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps before the cosine decay.")

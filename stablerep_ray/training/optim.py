@@ -10,17 +10,16 @@ from ..config import Config
 
 
 def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
-    """AdamW with lr = base_lr * batch / 256; no weight decay on norms, biases, embeddings, scales."""
+    """AdamW at ``config.peak_lr``. As in StableRep's released code, every weight decays but norms,
+    biases and scalars (one-dimensional parameters); the CLS token and position embeddings decay too."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        skip = param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "positional_embedding"))
-        (no_decay if skip else decay).append(param)
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
     t = config.train
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.base_lr * t.batch_size / 256,
+        lr=config.peak_lr,
         betas=t.betas,
     )
 
