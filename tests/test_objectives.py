@@ -52,7 +52,8 @@ def test_stablerep_step_minimises_the_multi_positive_loss_of_its_views():
     inputs, labels = step.objective.views(torch.from_numpy(batch.images), torch.from_numpy(batch.caption_ids),
                                           step.augment, generator)
     with torch.no_grad():
-        expected = multi_positive_loss(step.model(inputs), labels, config.train.temperature)
+        expected = multi_positive_loss(step.model(inputs, step.objective.head_chunks), labels,
+                                       config.train.temperature)
     assert torch.allclose(step(batch).loss, expected, atol=1e-5)
 
 
@@ -88,3 +89,21 @@ def test_no_code_outside_the_registry_branches_on_an_objective_name():
         if _NAME_TEST.search(line)
     ]
     assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_no_batchnorm_batch_holds_two_images_of_one_caption(name):
+    """The head normalises one view of every caption at a time, as the authors' per-view SyncBN."""
+    config = _config(name)
+    step = TrainStep.build(config, torch.device("cpu"))
+    seen = []
+    for module in step.model.head.modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    batch = synthetic_batch(config, config.captions_per_worker_step)
+    inputs, labels = step.objective.views(torch.from_numpy(batch.images), torch.from_numpy(batch.caption_ids),
+                                          step.augment, step.generator)
+    for chunk in labels.chunk(step.objective.head_chunks):
+        assert len(chunk.unique()) == len(chunk), "two positives in one BatchNorm batch"
+    step(batch)
+    assert seen and set(seen) == {config.captions_per_worker_step}

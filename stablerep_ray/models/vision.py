@@ -41,8 +41,12 @@ class ProjectionHead(nn.Module):
         layers.append(nn.Linear(dim, out_dim))
         self.mlp = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
+    def forward(self, x: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+        """``chunks`` > 1 runs the MLP on that many equal consecutive slices of ``x`` separately, so
+        each BatchNorm batch holds one slice (one view of every caption: no two positives)."""
+        if chunks == 1:
+            return self.mlp(x)
+        return torch.cat([self.mlp(part) for part in x.chunk(chunks)])
 
 
 class StableRepModel(nn.Module):
@@ -62,9 +66,9 @@ class StableRepModel(nn.Module):
         """Frozen-evaluation feature: the encoder's CLS token."""
         return self.encoder(images)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised projections used by the contrastive losses."""
-        return F.normalize(self.head(self.encoder(images)), dim=-1)
+    def forward(self, images: torch.Tensor, head_chunks: int = 1) -> torch.Tensor:
+        """L2-normalised projections used by the contrastive losses (``head_chunks``: see the head)."""
+        return F.normalize(self.head(self.encoder(images), head_chunks), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text(tokens, lengths), dim=-1)

@@ -35,7 +35,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(max(1, int(t.num_cpus_per_worker)))
     torch.manual_seed(t.seed + rank)
 
-    step = TrainStep.build(config, device)
+    step = TrainStep.build(config, device, distributed=distributed)
     resume_at = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:

@@ -44,14 +44,17 @@ class TrainStep:
     forward: Forward | None = field(default=None)  # the DDP-wrapped or compiled model; default: model
 
     @classmethod
-    def build(cls, config: Config, device: torch.device, seed: int = 0) -> "TrainStep":
+    def build(cls, config: Config, device: torch.device, seed: int = 0, distributed: bool = False) -> "TrainStep":
         """A fresh objective, model (on ``device``), optimiser and schedule for ``config``.
 
         Seed torch before calling it: the model's initial weights come from the global generator.
-        ``seed`` seeds the augmentation's own generator.
+        ``seed`` seeds the augmentation's own generator. ``distributed`` on GPUs makes BatchNorm
+        synchronise its statistics across ranks (as the authors' SyncBN).
         """
         objective = get_objective(config.train.objective)(config)
         model = build_model(config, **objective.model_kwargs()).to(device)
+        if distributed and device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         optimizer = build_optimizer(model, config)
         return cls(
             config=config,

@@ -71,11 +71,24 @@ class Objective:
 
     def views(self, images: torch.Tensor, caption_ids: torch.Tensor, augment: Augment,
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder inputs and their labels from a batch's uint8 images (N, S, S, 3) on the device."""
+        """Encoder inputs and their labels from a batch's uint8 images (N, S, S, 3) on the device.
+
+        The batch is caption-major (each caption's images together); the inputs come out view-major:
+        ``head_chunks`` consecutive slices, each holding one image (or view) of every caption, so the
+        projection head's BatchNorm never sees two positives in one batch (as the authors' code).
+        """
         import torch
 
+        drawn = self.images_drawn_per_group(self.config)
+        order = torch.arange(len(caption_ids), device=caption_ids.device).view(-1, drawn).T.reshape(-1)
+        images, caption_ids = images[order], caption_ids[order]
         views = [augment(images, generator) for _ in range(self.views_per_image)]
         return torch.cat(views), caption_ids.repeat(self.views_per_image)
+
+    @property
+    def head_chunks(self) -> int:
+        """Slices of the inputs that the projection head normalises separately (see ``views``)."""
+        return self.inputs_per_group(self.config)
 
     def loss(self, forward: Forward, model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
              batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

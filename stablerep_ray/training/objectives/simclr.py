@@ -16,6 +16,6 @@ class SimCLR(Objective):
     def loss(self, forward, model, inputs, labels, batch):
         from ...losses import simclr_loss
 
-        view1, view2 = forward(inputs).chunk(2)
+        view1, view2 = forward(inputs, self.head_chunks).chunk(2)
         loss = simclr_loss(view1, view2, self.config.train.temperature, distributed=True)
         return loss, {"loss/image": loss.detach()}

@@ -11,6 +11,6 @@ class StableRep(Objective):
     def loss(self, forward, model, inputs, labels, batch):
         from ...losses import multi_positive_loss
 
-        loss = multi_positive_loss(forward(inputs), labels, self.config.train.temperature,
+        loss = multi_positive_loss(forward(inputs, self.head_chunks), labels, self.config.train.temperature,
                                    distributed=True)
         return loss, {"loss/image": loss.detach()}

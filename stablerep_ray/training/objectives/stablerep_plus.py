@@ -26,7 +26,7 @@ class StableRepPlus(StableRep):
 
         from ...losses import image_text_loss, multi_positive_loss
 
-        z = forward(inputs)
+        z = forward(inputs, self.head_chunks)
         image_loss = multi_positive_loss(z, labels, self.config.train.temperature, distributed=True)
         tokens, lengths = self.tokenizer.encode(batch.captions, self.config.model.text.context_length)
         text_z = model.encode_text(tokens.to(z.device), lengths.to(z.device))
