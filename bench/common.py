@@ -144,7 +144,7 @@ def caption_batches(config, num_batches: int) -> list[dict]:
     """
     import numpy as np
 
-    from stablerep_ray.captions.files import plan_chunks, read_chunk
+    from stablerep_ray.captions.files import caption_rows, plan_chunks, read_chunk
 
     chunks = plan_chunks(config.captions)
     size = config.generator.captions_per_call
@@ -154,13 +154,7 @@ def caption_batches(config, num_batches: int) -> list[dict]:
         ids, texts, _ = read_chunk(config.captions, chunks[seq % len(chunks)])
         for start in range(0, len(ids), size):
             stop = min(start + size, len(ids))
-            batches.append({
-                "chunk": np.full(stop - start, seq, dtype=np.int64),
-                "row": np.arange(start, stop, dtype=np.int32),
-                "chunk_rows": np.full(stop - start, len(ids), dtype=np.int32),
-                "caption_id": np.asarray(ids[start:stop], dtype=np.int64),
-                "caption": np.asarray(texts[start:stop], dtype=object),
-            })
+            batches.append(caption_rows(seq, ids[start:stop], texts[start:stop]))
             if len(batches) == num_batches:
                 break
         seq += 1

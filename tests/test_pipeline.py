@@ -55,11 +55,13 @@ def base_config(tmp_path, **sections):
 
 
 def collect(ds) -> dict[int, np.ndarray]:
-    return {int(c): imgs for b in ds.iter_batches(batch_size=None) for c, imgs in zip(b["caption_id"], b["images"])}
+    """Images by source position (what seeds them; a repeated text has one caption id)."""
+    return {int(p): imgs for b in ds.iter_batches(batch_size=None)
+            for p, imgs in zip(b["position"], b["images"], strict=True)}
 
 
 def test_diffusers_pool_regenerates_identical_images(tmp_path):
-    """Same caption id, index and seed -> identical images from two separate actor pools."""
+    """Same source position, index and seed -> identical images from two separate actor pools."""
     from stablerep_ray.tools.tiny_pipeline import make_tiny_pipeline
 
     model = make_tiny_pipeline(tmp_path / "tiny-sd", sample_size=8)

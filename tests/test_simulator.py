@@ -95,10 +95,10 @@ def test_generator_output_contract_and_pass_through():
     assert list(out["caption"]) == caps
     assert "images" not in batch  # the input batch is not modified
     # numpy string columns (what Ray Data may hand over) and bytes work too
-    out2 = gen({"caption_id": batch["caption_id"], "caption": np.asarray(caps)})
+    out2 = gen({**batch, "caption": np.asarray(caps)})
     np.testing.assert_array_equal(out2["images"], out["images"])
     as_bytes = np.asarray([c.encode() for c in caps], dtype=object)
-    out3 = gen({"caption_id": batch["caption_id"], "caption": as_bytes})
+    out3 = gen({**batch, "caption": as_bytes})
     np.testing.assert_array_equal(out3["images"], out["images"])
     # an empty batch
     empty = gen(_batch([], []))

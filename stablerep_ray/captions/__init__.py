@@ -1,5 +1,17 @@
 """Caption sources: files and URIs read chunk by chunk by Ray Data tasks, each caption with a stable id."""
 
-from .files import EMPTY_CHUNK_ID, inspect_captions, plan_chunks, read_captions, read_chunk
+from .files import (
+    EMPTY_CHUNK_ID,
+    caption_id,
+    caption_rows,
+    inspect_captions,
+    normalise_caption,
+    plan_chunks,
+    read_captions,
+    read_chunk,
+)
 
-__all__ = ["EMPTY_CHUNK_ID", "inspect_captions", "plan_chunks", "read_captions", "read_chunk"]
+__all__ = [
+    "EMPTY_CHUNK_ID", "caption_id", "caption_rows", "inspect_captions", "normalise_caption", "plan_chunks",
+    "read_captions", "read_chunk",
+]

@@ -7,8 +7,10 @@ Data task, so Ray Data's backpressure keeps only a few chunks in flight: sources
 are never loaded whole, neither in the driver nor in the object store.
 
 Row columns:
-* ``caption_id``: stable id of the caption, ``file_index << 40 | byte offset (or row index)``; it
-  seeds the caption's images, so the same caption always renders the same images.
+* ``caption_id``: the caption's identity, a 63-bit hash of its normalised text (``normalise_caption``):
+  the same text anywhere in the source has the same id, so its images are positives of each other.
+* ``position``: where the row sits in the source, ``file_index << 40 | byte offset (or row index)``;
+  it seeds the row's images, so a rerun renders the same images and a repeated text adds new ones.
 * ``chunk``/``row``/``chunk_rows``: where the row sits in the stream. Checkpoints record the first
   chunk not fully consumed; a resumed run restarts there, so no caption range is ever skipped.
   A chunk with no caption yields one marker row (``caption_id == -1``) that is never rendered.
@@ -16,12 +18,16 @@ Row columns:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
@@ -32,8 +38,6 @@ from ..config import CaptionsConfig, ConfigError
 logger = logging.getLogger(__name__)
 
 EXTENSIONS = {".txt": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
-SCHEMA = pa.schema([("position", pa.int64()), ("caption_id", pa.int64()), ("caption", pa.string())])
-
 
 CHUNK_BYTES = 1 << 20  # ~10k captions per chunk of a text file
 FILE_ID_SHIFT = 40
@@ -184,9 +188,22 @@ def _chunk_cells(fs: pafs.FileSystem, chunk: Chunk, column: str) -> Iterator[tup
         yield from enumerate(_csv_cells(fs, chunk, column))
 
 
+_SPACE = re.compile(r"\s+")
+
+
+def normalise_caption(text: str) -> str:
+    """One spelling per caption: Unicode NFC, no byte-order mark, single spaces, no outer space."""
+    return _SPACE.sub(" ", unicodedata.normalize("NFC", text).replace("\ufeff", "")).strip()
+
+
+def caption_id(text: str) -> int:
+    """The 63-bit identity of a normalised caption text (never ``EMPTY_CHUNK_ID``)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
+
+
 def _clean(text, cfg: CaptionsConfig, chunk: Chunk) -> str:
-    """The stripped caption ('' for a blank); over-long captions are an error, not a truncation."""
-    text = str(text).strip() if text is not None else ""
+    """The normalised caption ('' for a blank); over-long captions are an error, not a truncation."""
+    text = normalise_caption(str(text)) if text is not None else ""
     if len(text) > cfg.max_chars:
         raise ConfigError(
             f"{chunk.path}: a caption of {len(text)} characters (> captions.max_chars="
@@ -197,7 +214,7 @@ def _clean(text, cfg: CaptionsConfig, chunk: Chunk) -> str:
 
 
 def read_chunk(cfg: CaptionsConfig, chunk: Chunk) -> tuple[list[int], list[str], int]:
-    """Caption ids and texts of one chunk (blanks skipped) and how many blanks were skipped."""
+    """Source positions and texts of one chunk's captions (blanks skipped), and how many blanks."""
     fs, _ = _filesystem(cfg.source)
     ids, texts, blanks = [], [], 0
     for key, raw in _chunk_cells(fs, chunk, cfg.column):
@@ -247,18 +264,28 @@ def read_chunks(batch: dict, cfg: CaptionsConfig, chunks: list[Chunk]) -> Iterat
         ids, texts, blanks = read_chunk(cfg, chunks[int(seq) % len(chunks)])
         if blanks:
             logger.info("captions: chunk %d: skipped %d blank captions", seq, blanks)
-        if not ids:  # a marker row, so consumers can see this chunk is done
-            ids, texts = [EMPTY_CHUNK_ID], [""]
-        n = len(ids)
-        yield pa.table(
-            {
-                "chunk": pa.array([int(seq)] * n, pa.int64()),
-                "row": pa.array(range(n), pa.int32()),
-                "chunk_rows": pa.array([n] * n, pa.int32()),
-                "caption_id": pa.array(ids, pa.int64()),
-                "caption": pa.array(texts, pa.string()),
-            }
-        )
+        yield pa.table(caption_rows(int(seq), ids, texts))
+
+
+def caption_rows(seq: int, positions: list[int], texts: list[str]) -> dict[str, np.ndarray]:
+    """The stream's caption columns for one chunk (``read_chunk``'s output) as numpy arrays.
+
+    A chunk without captions gives one marker row (``caption_id == EMPTY_CHUNK_ID``), so consumers
+    can see the chunk is done.
+    """
+    if not positions:
+        positions, texts, ids = [EMPTY_CHUNK_ID], [""], [EMPTY_CHUNK_ID]
+    else:
+        ids = [caption_id(text) for text in texts]
+    n = len(positions)
+    return {
+        "chunk": np.full(n, seq, dtype=np.int64),
+        "row": np.arange(n, dtype=np.int32),
+        "chunk_rows": np.full(n, n, dtype=np.int32),
+        "caption_id": np.asarray(ids, dtype=np.int64),
+        "position": np.asarray(positions, dtype=np.int64),
+        "caption": np.asarray(texts, dtype=object),
+    }
 
 
 def read_captions(cfg: CaptionsConfig, start_chunk: int = 0, num_captions: int = 0,

@@ -1,8 +1,9 @@
 """Generator backends: config name -> the Ray Data callable class that renders a caption's n images.
 
-Every backend takes a batch with ``caption_id`` and ``caption`` columns and adds ``images`` (B, n, S,
-S, 3) uint8 and ``num_images`` (B,) int32; image j of caption c depends only on (seed, c, j), the
-caption and the generator settings (``image_seed``). A backend class also answers ``preflight(cfg)``
+Every backend takes a batch with ``caption_id``, ``position`` and ``caption`` columns and adds
+``images`` (B, n, S, S, 3) uint8 and ``num_images`` (B,) int32; image j of the row at source position p
+depends only on (seed, p, j), the caption and the generator settings (``image_seed``), so a caption
+repeated in the source gets new images. A backend class also answers ``preflight(cfg)``
 (checks before Ray starts) and ``tokenizer_source(cfg)`` (where StableRep+ takes its tokenizer, or
 None for the built-in word tokenizer). Adding a backend is one module and one line here.
 """
@@ -21,9 +22,9 @@ BACKENDS = {
 }
 
 
-def image_seed(base_seed: int, caption_id: int, index: int) -> int:
-    """A 63-bit seed for image ``index`` of caption ``caption_id``; well mixed, order independent."""
-    state = np.random.SeedSequence([base_seed, caption_id, index]).generate_state(2, dtype=np.uint32)
+def image_seed(base_seed: int, position: int, index: int) -> int:
+    """A 63-bit seed for image ``index`` of the row at source ``position``; well mixed, order independent."""
+    state = np.random.SeedSequence([base_seed, position, index]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
 

@@ -1,8 +1,8 @@
 """The diffusers backend: any Stable Diffusion text-to-image pipeline loaded with ``from_pretrained``.
 
 Each actor loads its pipeline once and renders ``captions_per_call x n`` images per call. Image j of
-caption c is drawn from its own torch.Generator seeded with ``image_seed(base, c, j)``, so the same
-configuration regenerates the same images whatever actor, block or batch a caption lands in.
+the row at source position p is drawn from its own torch.Generator seeded with ``image_seed(base, p, j)``,
+so the same configuration regenerates the same images whatever actor, block or batch a row lands in.
 """
 
 from __future__ import annotations
@@ -124,8 +124,8 @@ class DiffusersGenerator:
         n = cfg.images_per_caption
         captions = [str(c) for c in batch["caption"]]
         generators = [
-            torch.Generator(self.device).manual_seed(image_seed(cfg.seed, int(cid), j))
-            for cid in batch["caption_id"]
+            torch.Generator(self.device).manual_seed(image_seed(cfg.seed, int(position), j))
+            for position in batch["position"]
             for j in range(n)
         ]
         with torch.inference_mode():

@@ -46,19 +46,11 @@ def _device_name(cuda: bool) -> str:
 
 
 def _caption_batch(config: Config, size: int, offset: int) -> dict:
-    import numpy as np
+    from ...captions import caption_rows, plan_chunks, read_chunk
 
-    from ...captions import plan_chunks, read_chunk
-
-    ids, texts, _ = read_chunk(config.captions, plan_chunks(config.captions)[0])
-    pick = [(offset + i) % len(ids) for i in range(size)]
-    return {
-        "chunk": np.zeros(size, dtype=np.int64),
-        "row": np.asarray(pick, dtype=np.int32),
-        "chunk_rows": np.full(size, len(ids), dtype=np.int32),
-        "caption_id": np.asarray([ids[i] for i in pick], dtype=np.int64),
-        "caption": np.asarray([texts[i] for i in pick], dtype=object),
-    }
+    positions, texts, _ = read_chunk(config.captions, plan_chunks(config.captions)[0])
+    pick = [(offset + i) % len(positions) for i in range(size)]
+    return caption_rows(0, [positions[i] for i in pick], [texts[i] for i in pick])
 
 
 def _timed(fn, min_calls: int, min_seconds: float, max_seconds: float) -> tuple[int, float]:

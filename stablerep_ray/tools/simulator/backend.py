@@ -66,8 +66,13 @@ def generate_caption_images(
     *,
     mismatch_p0: float = MISMATCH_P0,
     diversity_w0: float = DIVERSITY_W0,
+    image_key: int | None = None,
 ):
     """Images ``0..num_images-1`` of one caption: uint8 ``(num_images, size, size, 3)``.
+
+    The caption's mode comes from ``caption_id`` (the text); each image's own randomness from
+    ``image_key`` (the row's source position; default ``caption_id``), as a diffusion model draws
+    new images of the same prompt from new seeds.
 
     With ``return_attributes`` also returns the attributes each image was *actually* rendered with
     (a list of dicts; they differ from ``parse_caption(caption)`` where a semantic mismatch hit).
@@ -79,7 +84,8 @@ def generate_caption_images(
     images = np.empty((num_images, size, size, 3), dtype=np.uint8)
     used_all = []
     for j in range(num_images):
-        images[j], used = _generate_one(codes, mode, seed, caption_id, j, p_mis, d, size)
+        key = caption_id if image_key is None else image_key
+        images[j], used = _generate_one(codes, mode, seed, key, j, p_mis, d, size)
         used_all.append(used)
     if not return_attributes:
         return images
@@ -89,11 +95,12 @@ def generate_caption_images(
 class SimulatorGenerator:
     """Ray Data ``map_batches`` callable (``batch_format="numpy"``) with the diffusers backend's contract.
 
-    Input columns: ``caption_id`` (int64) and ``caption`` (str); every other column is passed through
+    Input columns: ``caption_id`` (int64), ``caption`` (str) and optionally ``position`` (int64, the
+    images' seed key; default the caption id); every other column is passed through
     unchanged. Added columns: ``images`` uint8 ``(B, n, H, W, 3)`` with ``n = images_per_caption`` and
     ``H = W = output_size``, and ``num_images`` int32 ``(B,)`` (always ``n``: the simulator has no
-    safety checker that drops images). Image ``j`` of caption id ``c`` depends only on
-    ``(config.seed, c, j)``, the caption text and ``guidance_scale``.
+    safety checker that drops images). Image ``j`` of a row depends only on ``(config.seed,
+    position, j)``, the caption (text and id) and ``guidance_scale``.
     """
 
     @staticmethod
@@ -124,6 +131,7 @@ class SimulatorGenerator:
             if col not in batch:
                 raise KeyError(f"SimulatorGenerator: input batch lacks the {col!r} column")
         ids = np.asarray(batch["caption_id"]).astype(np.int64, copy=False)
+        keys = np.asarray(batch.get("position", ids)).astype(np.int64, copy=False)
         captions = batch["caption"]
         B = len(ids)
         n, S = self.num_images, self.size
@@ -134,7 +142,7 @@ class SimulatorGenerator:
                 text = text.decode("utf-8", "replace")
             images[b] = generate_caption_images(
                 str(text), int(ids[b]), n, self.guidance_scale, S, self.seed,
-                mismatch_p0=self.mismatch_p0, diversity_w0=self.diversity_w0,
+                mismatch_p0=self.mismatch_p0, diversity_w0=self.diversity_w0, image_key=int(keys[b]),
             )  # fmt: skip
         out = dict(batch)
         out["images"] = images
