@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def test_every_objective_trains_through_the_one_step(name):
         result = step(synthetic_batch(config, captions, seed=i))
         assert torch.isfinite(result.loss)
         assert result.labels.shape[0] == captions * config.group_size == config.train.batch_size // 2
-        assert result.metrics and all(k.startswith("loss/") for k in result.metrics)
+        assert any(k.startswith("loss/") for k in result.metrics)
+        assert all(torch.isfinite(torch.as_tensor(v)) for v in result.metrics.values())
     assert step.step == 2
     changed = [not torch.equal(a, b) for a, b in zip(before, step.model.parameters(), strict=True)]
     assert all(changed), f"{name}: {changed.count(False)} parameter tensors did not train"
@@ -107,3 +109,29 @@ def test_no_batchnorm_batch_holds_two_images_of_one_caption(name):
         assert len(chunk.unique()) == len(chunk), "two positives in one BatchNorm batch"
     step(batch)
     assert seen and set(seen) == {config.captions_per_worker_step}
+
+
+def test_stablerep_plus_recovers_a_logit_scale_pushed_past_ln_100():
+    config = _config("stablerep_plus")
+    step = TrainStep.build(config, torch.device("cpu"))
+    model = step.model
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1000))
+    step(synthetic_batch(config, config.captions_per_worker_step))
+    assert model.logit_scale.grad.item() != 0, "the scale past the cap still gets a gradient"
+    assert model.logit_scale.item() <= math.log(100) + 1e-6, "clamped back in place after the step"
+    for i in range(3):
+        result = step(synthetic_batch(config, config.captions_per_worker_step, seed=i + 1))
+        assert model.logit_scale.grad.item() != 0
+    assert 0 <= model.logit_scale.item() <= math.log(100) + 1e-6
+    assert result.metrics["logit_scale"] <= 100 + 1e-4
+
+
+def test_stablerep_plus_contrasts_a_projection_of_the_cls_feature_with_clip_initialised_text():
+    config = _config("stablerep_plus")
+    torch.manual_seed(0)
+    model = TrainStep.build(config, torch.device("cpu")).model
+    assert model.image_to_text.in_features == model.encoder.num_features
+    assert model.image_to_text.out_features == model.text.projection.out_features == config.model.text.embed_dim
+    assert model.text.token_embedding.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.text.positional_embedding.std().item() == pytest.approx(0.01, rel=0.2)

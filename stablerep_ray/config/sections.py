@@ -132,6 +132,10 @@ class TextTowerConfig(_Section):
     layers: int = Field(12, gt=0, description="Text Transformer layers.")
     heads: int = Field(8, gt=0, description="Text Transformer attention heads.")
     context_length: int = Field(77, gt=0, description="Token context length.")
+    embed_dim: int = Field(
+        512, gt=0, description="Joint image-text space: the text feature and a linear projection of the "
+        "image CLS feature (not the SSL head's output) meet here, as in the authors' StableRep+.",
+    )
     tokenizer: str = Field(
         "",
         description="Tokenizer path or id; empty takes the generator pipeline's tokenizer "

@@ -19,14 +19,10 @@ ranks; a single rank's ``L_r`` is only an estimate.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-MAX_LOGIT_SCALE = math.log(100.0)
-
 
 def multi_positive_loss(
     features: torch.Tensor,
@@ -83,7 +79,8 @@ def image_text_loss(
     """StableRep+'s CLIP-style term: 1/2 [H(image->text) + H(text->image)].
 
     An image's target is its caption's text; a text's target is uniform over its m images. The
-    logit scale is exp(logit_scale) with logit_scale clamped at ln(100), as in CLIP. Images without
+    logit scale is exp(logit_scale), unclamped: the caller keeps the parameter in range (CLIP clamps
+    it in place after each step, so its gradient never vanishes). Images without
     a text (and texts without an image) in the global batch are left out of their direction's mean.
     """
     with _full_precision(image_features):
@@ -91,7 +88,7 @@ def image_text_loss(
         zi = F.normalize(image_features.to(dtype), dim=1)
         zt = F.normalize(text_features.to(dtype), dim=1)
         scale = torch.as_tensor(logit_scale, device=zi.device).to(dtype)
-        scale = scale.clamp(max=MAX_LOGIT_SCALE).exp()
+        scale = scale.exp()
         image_labels, text_labels = image_labels.to(zi.device), text_labels.to(zi.device)
         world, _ = _world(distributed)
         zi_all, yi_all = _gather_with_grad(zi, world), _gather(image_labels, world)

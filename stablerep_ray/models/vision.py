@@ -58,20 +58,32 @@ class StableRepModel(nn.Module):
         self.head = ProjectionHead(
             self.encoder.num_features, cfg.head_hidden_dim, cfg.embed_dim, cfg.head_layers
         )
-        self.text = TextTower(cfg.text, text_vocab_size, cfg.embed_dim) if text_vocab_size else None
-        # CLIP init ln(1/0.07); clamped at ln(100) in the loss.
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07))) if self.text else None
+        self.text = self.image_to_text = self.logit_scale = None
+        if text_vocab_size:
+            self.text = TextTower(cfg.text, text_vocab_size)
+            # The image side of the image-text loss: a linear projection of the CLS feature.
+            self.image_to_text = nn.Linear(self.encoder.num_features, cfg.text.embed_dim, bias=False)
+            nn.init.normal_(self.image_to_text.weight, std=self.encoder.num_features**-0.5)
+            # CLIP's init ln(1/0.07); the objective keeps it in [0, ln 100] after every step.
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen-evaluation feature: the encoder's CLS token."""
         return self.encoder(images)
 
-    def forward(self, images: torch.Tensor, head_chunks: int = 1) -> torch.Tensor:
-        """L2-normalised projections used by the contrastive losses (``head_chunks``: see the head)."""
-        return F.normalize(self.head(self.encoder(images), head_chunks), dim=-1)
+    def forward(self, images: torch.Tensor, head_chunks: int = 1, with_features: bool = False):
+        """L2-normalised projections used by the contrastive losses (``head_chunks``: see the head);
+        with ``with_features`` also the CLS features they came from."""
+        features = self.encoder(images)
+        z = F.normalize(self.head(features, head_chunks), dim=-1)
+        return (z, features) if with_features else z
 
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text(tokens, lengths), dim=-1)
+
+    def image_for_text(self, features: torch.Tensor) -> torch.Tensor:
+        """CLS features in the joint image-text space, L2-normalised."""
+        return F.normalize(self.image_to_text(features), dim=-1)
 
 
 def build_model(config: Config, text_vocab_size: int = 0) -> StableRepModel:

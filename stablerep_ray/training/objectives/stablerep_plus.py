@@ -1,12 +1,18 @@
 """StableRep+: StableRep plus a CLIP-style loss between each caption's images and its text.
 
-It owns a text tower (built into the model, so DDP and checkpoints see it) and a tokenizer: an
-explicit ``model.text.tokenizer``, else the generator pipeline's own.
+It owns a text tower and a linear projection of the image CLS feature into the joint space (built
+into the model, so DDP and checkpoints see them), a learnable logit scale, and a tokenizer: an
+explicit ``model.text.tokenizer``, else the generator pipeline's own. As in the authors' code, the
+image side of the image-text loss is that projection, not the SSL head's output.
 """
 
 from __future__ import annotations
 
+import math
+
 from .stablerep import StableRep
+
+MAX_LOGIT_SCALE = math.log(100)
 
 
 class StableRepPlus(StableRep):
@@ -26,12 +32,21 @@ class StableRepPlus(StableRep):
 
         from ...losses import image_text_loss, multi_positive_loss
 
-        z = forward(inputs, self.head_chunks)
+        z, features = forward(inputs, self.head_chunks, with_features=True)
         image_loss = multi_positive_loss(z, labels, self.config.train.temperature, distributed=True)
         tokens, lengths = self.tokenizer.encode(batch.captions, self.config.model.text.context_length)
         text_z = model.encode_text(tokens.to(z.device), lengths.to(z.device))
-        text_labels = torch.from_numpy(batch.group_ids.copy())
-        text_loss = image_text_loss(z, labels, text_z, text_labels.to(z.device), model.logit_scale,
-                                    distributed=True)
-        metrics = {"loss/image": image_loss.detach(), "loss/image_text": text_loss.detach()}
+        text_labels = torch.from_numpy(batch.group_ids.copy()).to(z.device)
+        text_loss = image_text_loss(model.image_for_text(features), labels, text_z, text_labels,
+                                    model.logit_scale, distributed=True)
+        metrics = {"loss/image": image_loss.detach(), "loss/image_text": text_loss.detach(),
+                   "logit_scale": model.logit_scale.detach().exp()}
         return image_loss + text_loss, metrics
+
+    def after_step(self, model, step):
+        """Clamp the logit scale in place to [0, ln 100], as CLIP: a clamp in the forward would leave
+        it a zero gradient above the cap, so it could never come back."""
+        import torch
+
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
