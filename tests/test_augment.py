@@ -173,11 +173,10 @@ def test_ops_match_torchvision_per_image():
     x = imgs.permute(0, 3, 1, 2).float() / 255
     k = aug.kernel_size
     for i in range(6):  # reference only: the implementation itself is vectorised
-        b, c, s, h = p.factors[i].tolist()
-        y = TF.adjust_brightness(x[i], b)
-        y = TF.adjust_contrast(y, c)
-        y = TF.adjust_saturation(y, s)
-        y = TF.adjust_hue(y, h)
+        ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+        y = x[i]
+        for op in p.order[i].tolist():  # each image's own order, as torchvision's ColorJitter
+            y = ops[op](y, p.factors[i, op].item())
         sigma = float(p.sigma[i])
         y = TF.gaussian_blur(y, [k, k], [sigma, sigma])
         torch.testing.assert_close(out[i], y, atol=2e-4, rtol=0)
@@ -259,3 +258,26 @@ def test_cuda_matches_cpu():
     assert out.shape == (8, 3, 32, 32)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert aug(imgs.cuda()).dtype == torch.float32
+
+
+def test_jitter_order_is_drawn_per_image_or_fixed():
+    random_order = BatchAugment(AugmentConfig(), 32).sample(64, 32, 32, make_generator(0)).order
+    assert sorted(random_order[0].tolist()) == [0, 1, 2, 3]
+    assert len({tuple(row) for row in random_order.tolist()}) > 5, "orders differ between images"
+    fixed = BatchAugment(AugmentConfig(jitter_order="fixed"), 32).sample(8, 32, 32, make_generator(0)).order
+    assert fixed.tolist() == [[0, 1, 2, 3]] * 8
+
+
+def test_downsampling_resizes_down_and_back_before_the_crop():
+    imgs = _images(4, 32, 32)
+    cfg = dict(crop_scale=(1.0, 1.0), **OFF)
+    low = BatchAugment(AugmentConfig(downsample_p=1.0, downsample_sizes=[8], **cfg), 32, normalize=False)
+    out = low(imgs, make_generator(1))
+    x = imgs.permute(0, 3, 1, 2).float() / 255
+    small = F.interpolate(x, size=(8, 8), mode="bilinear", antialias=True)
+    torch.testing.assert_close(out, F.interpolate(small, size=(32, 32), mode="bilinear"), atol=1e-5, rtol=0)
+    # sizes not below the image are skipped; p = 0 leaves every image alone
+    plain = BatchAugment(AugmentConfig(downsample_p=0.0, **cfg), 32, normalize=False)(imgs, make_generator(1))
+    skipped = BatchAugment(AugmentConfig(downsample_p=1.0, downsample_sizes=[64], **cfg), 32, normalize=False)
+    torch.testing.assert_close(skipped(imgs, make_generator(1)), plain)
+    assert not torch.allclose(out, plain)

@@ -166,6 +166,24 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> to
     return y.view(B, C, H, W)
 
 
+def _jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, strengths) -> torch.Tensor:
+    """Brightness, contrast, saturation and hue (torchvision's ColorJitter ops), applied to each
+    image in its own ``order``; ops with zero strength are skipped."""
+    ops = [
+        lambda y, f: (y * f.view(-1, 1, 1, 1)).clamp(0.0, 1.0),
+        lambda y, f: torch.lerp(_gray(y).mean((1, 2, 3), keepdim=True), y, f.view(-1, 1, 1, 1)).clamp(0.0, 1.0),
+        lambda y, f: torch.lerp(_gray(y), y, f.view(-1, 1, 1, 1)).clamp(0.0, 1.0),
+        lambda y, f: _adjust_hue(y, f),
+    ]
+    y = x.clone()
+    for position in range(4):
+        for op, apply in enumerate(ops):
+            sel = order[:, position] == op
+            if strengths[op] and sel.any():
+                y[sel] = apply(y[sel], factors[sel, op])
+    return y
+
+
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class AugmentParams:
@@ -173,7 +191,8 @@ class AugmentParams:
 
     ``box`` holds ``(top, left, height, width)`` crop boxes in input pixels (sub-pixel, inside the image);
     ``flip``, ``jitter``, ``gray``, ``blur`` are boolean masks; ``factors`` is ``(B, 4)`` brightness,
-    contrast, saturation multipliers and hue shift; ``sigma`` the blur sigma.
+    contrast, saturation multipliers and hue shift; ``order`` ``(B, 4)`` the order the four jitter ops
+    run in; ``sigma`` the blur sigma; ``down`` the size an image is first resized to and back (0: not).
     """
 
     box: torch.Tensor
@@ -183,6 +202,8 @@ class AugmentParams:
     gray: torch.Tensor
     blur: torch.Tensor
     sigma: torch.Tensor
+    order: torch.Tensor
+    down: torch.Tensor
 
     def to(self, device: torch.device | str) -> AugmentParams:
         return AugmentParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -301,7 +322,16 @@ class BatchAugment:
         slo, shi = cfg.blur_sigma
         sigma = slo + (shi - slo) * rand(B)
         sigma = torch.where(blur, sigma, torch.zeros_like(sigma))
-        return AugmentParams(box, flip, jitter, factors, gray, blur, sigma)
+
+        # drawn last, so the draws above do not depend on these settings
+        if cfg.jitter_order == "random":
+            order = rand(B, 4).argsort(dim=1)
+        else:
+            order = torch.arange(4, device=dev).expand(B, 4)
+        sizes = torch.tensor(cfg.downsample_sizes or [0], device=dev)
+        pick = (rand(B) * len(sizes)).long().clamp_(max=len(sizes) - 1)
+        down = torch.where(rand(B) < cfg.downsample_p, sizes[pick], torch.zeros_like(sizes[pick]))
+        return AugmentParams(box, flip, jitter, factors, gray, blur, sigma, order, down)
 
     # -- deterministic application ----------------------------------------------------------------
     def apply(self, images, params: AugmentParams) -> torch.Tensor:
@@ -334,6 +364,13 @@ class BatchAugment:
         x = to_float_chw(images)
         B, _, H, W = x.shape
 
+        # low resolution: resize down and back up before everything else
+        for size in p.down.unique().tolist():
+            if 0 < size < min(H, W):
+                sel = p.down == size
+                small = F.interpolate(x[sel], size=(size, size), mode="bilinear", antialias=True)
+                x[sel] = F.interpolate(small, size=(H, W), mode="bilinear")
+
         # crop + resize + flip: one grid_sample with per-image affine grids
         top, left, ch, cw = p.box.float().unbind(1)
         sx = torch.where(p.flip, -cw / W, cw / W)  # flip = negated x scale
@@ -348,21 +385,9 @@ class BatchAugment:
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         x = x.contiguous()  # NCHW for the per-channel ops below
 
-        # colour jitter (fixed order: brightness, contrast, saturation, hue)
-        b, c, s, h = cfg.color_jitter
-        if cfg.color_jitter_p > 0 and (b or c or s or h):
-            fac = p.factors.float()
-            y = x
-            if b:
-                y = (y * fac[:, 0].view(B, 1, 1, 1)).clamp_(0.0, 1.0)
-            if c:  # blend with the mean grey level
-                m = _gray(y).mean((1, 2, 3), keepdim=True)
-                y = torch.lerp(m, y, fac[:, 1].view(B, 1, 1, 1)).clamp_(0.0, 1.0)
-            if s:  # blend with the grey image
-                y = torch.lerp(_gray(y), y, fac[:, 2].view(B, 1, 1, 1)).clamp_(0.0, 1.0)
-            if h:
-                y = _adjust_hue(y, fac[:, 3])
-            x = torch.where(p.jitter.view(B, 1, 1, 1), y, x)
+        # colour jitter: the four ops in each image's own order
+        if cfg.color_jitter_p > 0 and any(cfg.color_jitter):
+            x = torch.where(p.jitter.view(B, 1, 1, 1), _jitter(x, p.factors.float(), p.order, cfg.color_jitter), x)
 
         if cfg.grayscale_p > 0:
             x = torch.where(p.gray.view(B, 1, 1, 1), _gray(x).expand_as(x), x)

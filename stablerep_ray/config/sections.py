@@ -162,9 +162,20 @@ class AugmentConfig(_Section):
         (0.4, 0.4, 0.4, 0.1), description="Brightness, contrast, saturation, hue jitter strengths."
     )
     color_jitter_p: float = Field(0.8, ge=0, le=1, description="Colour jitter probability.")
+    jitter_order: Literal["random", "fixed"] = Field(
+        "random",
+        description="Order of the four jitter ops: 'random' per image (torchvision's ColorJitter, as the "
+        "authors' code); 'fixed': brightness, contrast, saturation, hue.",
+    )
     grayscale_p: float = Field(0.2, ge=0, le=1, description="Grayscale probability.")
     blur_p: float = Field(0.5, ge=0, le=1, description="Gaussian blur probability.")
     blur_sigma: tuple[float, float] = Field((0.1, 2.0), description="Gaussian blur sigma range.")
+    downsample_p: float = Field(
+        0.05, ge=0, le=1,
+        description="Probability of first resizing an image down to one of downsample_sizes and back "
+        "(the authors' low-resolution augmentation); sizes not below the image are skipped.",
+    )
+    downsample_sizes: list[int] = Field([64, 128], description="Sizes (px) the downsampling draws from.")
 
 
 class TrainConfig(_Section):
