@@ -174,3 +174,60 @@ def test_resume_continues_at_the_saved_step_with_the_optimizer_state(tmp_path):
     steps = [e.step for e in events.Scalars("loss/total")]
     assert steps == sorted(set(steps)) and steps[-1] == 5
     assert events.Images("samples/caption_groups")
+
+
+def test_paper_stream_shape_rehearsal(tmp_path):
+    """The paper config with only its sizes scaled down: K = 43 captions per worker step, n = 10,
+    m = 6, R = 9 and the auto replay buffer; the simulator, a one-block ViT on 16 px images. It fills
+    its buffer, then serves groups at steps spread across the buffer, never more than R times."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from stablerep_ray.config import load_config
+    from stablerep_ray.training.trainer import fit
+
+    root = Path(__file__).resolve().parents[1]
+    steps = 45
+    config = load_config(root / "configs" / "paper-vitb16-sd15.yaml", [
+        f"output_dir={tmp_path}", f"captions.source={write_captions(tmp_path / 'captions.txt', 5000)}",
+        "generator.backend=simulator", "generator.output_size=16", "generator.num_actors=2",
+        "generator.num_gpus_per_actor=0", "generator.num_cpus_per_actor=1", "generator.captions_per_call=64",
+        "generator.label_selector={}", "train.label_selector={}", "train.use_gpu=false", "train.num_workers=2",
+        "train.num_cpus_per_worker=2", "train.batch_size=516", f"train.steps={steps}", "train.warmup_steps=5",
+        f"train.checkpoint_every={steps}", "train.log_every=5", "train.max_failures=0", "train.precision=fp32",
+        "model.name=vit_tiny_patch16_224", "model.image_size=16", "model.kwargs={patch_size: 8, depth: 1}",
+        "model.head_hidden_dim=32", "model.embed_dim=16", "stream.buffer_mb=0", "stream.log_consumed=true",
+        "eval.data=", "cluster.storage_path=", "cluster.num_cpus=8",
+    ])
+    k, reuse, buffer = config.captions_per_worker_step, config.stream.reuse, config.buffer_groups
+    assert (k, reuse, config.stream.images_per_group, config.generator.images_per_caption) == (43, 9, 6, 10)
+    assert config.peak_lr == pytest.approx(2e-4 * 516 / 256 / 2)
+    fit(config, captions_per_pass=5000)
+
+    served, batches = Counter(), {0: [], 1: []}
+    for log in sorted((config.run_dir / "consumed").glob("rank*.jsonl")):
+        rank = int(log.name[4])
+        for line in log.read_text().splitlines():
+            keys = json.loads(line)["keys"]
+            batches[rank].append(set(keys))
+            served.update(keys)
+    assert len(batches[0]) == len(batches[1]) == steps
+    assert max(served.values()) <= reuse, "no group served more than R times"
+    full = buffer // k + 1  # the buffer fills within about buffer / (K (1 - 1/R)) steps
+    for rank_batches in batches.values():
+        steady = rank_batches[full:]
+        overlaps = [len(a & b) / k for a, b in zip(steady, steady[1:], strict=False)]
+        assert max(overlaps) <= 2 / reuse, "consecutive batches share few captions"
+
+    events = EventAccumulator(str(config.run_dir / "tensorboard"))
+    events.Reload()
+    last = {tag: events.Scalars(tag)[-1].value for tag in ("stream/buffer_fill", "stream/steps_between_serves")}
+    assert last["stream/buffer_fill"] > 0.9
+    assert last["stream/steps_between_serves"] >= buffer / k / 2
+    # ~K/R fresh groups a step needs the first groups to reach R serves (~R x buffer / K steps):
+    # tests/test_stream.py runs the same stream that long.
+
+
+def test_default_config_fits_its_buffer():
+    """All defaults (batch 8256, 2 workers, n = 10, 256 px): the auto buffer holds one step's groups."""
+    config = from_dict({"captions": {"source": "captions.txt"}, "generator": {"model": "some/model"}})
+    assert config.buffer_groups >= config.captions_per_worker_step == 688

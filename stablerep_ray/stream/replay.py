@@ -196,7 +196,7 @@ class GroupStream:
         self.step = 0
         self.wait_seconds = 0.0  # time blocked on the shard: the trainer's data-wait
         self.admitted = 0  # groups that entered the buffer
-        self._last_stats = (0, 0)  # (step, admitted) when stats() was last read
+        self._last_stats = (0, 0, 0, 0)  # (step, admitted, gap steps, gaps) when stats() was last read
 
     def _admit(self, count: int) -> None:
         start = time.perf_counter()
@@ -215,17 +215,17 @@ class GroupStream:
 
     def stats(self, world: int = 1) -> dict[str, float]:
         """TensorBoard scalars of the stream since the last call (``world``: workers, all alike)."""
-        step, admitted = self._last_stats
-        self._last_stats = (self.step, self.admitted)
         buffer = self.buffer
+        step, admitted, gap_steps, gaps = self._last_stats
+        self._last_stats = (self.step, self.admitted, buffer.gap_steps, buffer.gaps)
         stats = {
             "stream/buffer_mb": buffer.nbytes / 2**20,
             "stream/buffer_fill": len(buffer) / buffer.capacity,
             "stream/groups_admitted": self.admitted * world,
             "stream/fresh_groups_per_step": (self.admitted - admitted) / max(1, self.step - step),
         }
-        if buffer.gaps:
-            stats["stream/steps_between_serves"] = buffer.gap_steps / buffer.gaps
+        if buffer.gaps > gaps:
+            stats["stream/steps_between_serves"] = (buffer.gap_steps - gap_steps) / (buffer.gaps - gaps)
         return stats
 
     def next_batch(self) -> Batch:
