@@ -61,27 +61,15 @@ def make_tiny_pipeline(directory: str | Path, seed: int = 0, sample_size: int = 
 
     directory = Path(directory)
     torch.manual_seed(seed)
+    blocks = {"block_out_channels": (32, 64), "norm_num_groups": 32}  # two small levels, both models
     unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
+        **blocks, sample_size=sample_size, layers_per_block=1, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8,
     )
     vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=sample_size * 8,
+        **blocks, sample_size=sample_size * 8, in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
     )
     tokenizer_dir = write_tiny_clip_tokenizer(directory / "_tokenizer_build")
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
@@ -103,14 +91,8 @@ def make_tiny_pipeline(directory: str | Path, seed: int = 0, sample_size: int = 
         steps_offset=1,
     )
     pipeline = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipeline.save_pretrained(directory)
     for leftover in sorted((directory / "_tokenizer_build").iterdir()):
