@@ -66,3 +66,57 @@ def write_json_atomic(path: Path, obj: dict) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def check_writable(location: str, key: str, remote: bool = True) -> None:
+    """Refuse, before anything is written, a storage location that cannot work: a URI whose
+    filesystem cannot be opened (unknown scheme, unreachable), a URI where only a local path works
+    (``remote=False``), a local path under a file or on a read-only filesystem. Creates nothing."""
+    from .config import ConfigError
+
+    if "://" in location and not location.startswith("file://"):
+        if not remote:
+            raise ConfigError(
+                f"{key}: {location} is a URI, but {key} must be a local directory; put remote "
+                f"storage in cluster.storage_path"
+            )
+        _check_uri(location, key)
+        return
+    path = Path(location.removeprefix("file://")).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{key}: {location} cannot be a directory: {existing} is a file; choose another directory"
+        )
+    _probe_write(existing, location, key)
+
+
+def _check_uri(location: str, key: str) -> None:
+    import pyarrow.fs as pafs
+
+    from .config import ConfigError
+
+    try:
+        pafs.FileSystem.from_uri(location)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for bad URIs
+        reason = " ".join(str(err).split())[:200]
+        raise ConfigError(
+            f"{key}: cannot open {location!r} ({reason}); use a local path or a reachable URI of a "
+            f"supported scheme (s3://, gs://, hdfs://)"
+        ) from None
+
+
+def _probe_write(directory: Path, location: str, key: str) -> None:
+    """Create and remove one temporary file in ``directory`` (the nearest existing part of
+    ``location``): permission bits alone do not stop root, read-only mounts do."""
+    import tempfile
+
+    from .config import ConfigError
+
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"{key}: {location} is not writable ({err.strerror or err}); choose a writable directory"
+        ) from None

@@ -19,13 +19,12 @@ Row columns:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import re
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -99,6 +98,38 @@ def _column_error(path: str, column: str, available) -> ConfigError:
     )
 
 
+def _one_line(err: Exception, limit: int = 200) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+
+
+def _parquet_groups(fs: pafs.FileSystem, path: str, column: str) -> int:
+    """Row groups of a parquet caption file whose ``column`` holds text (footer only)."""
+    try:
+        with fs.open_input_file(path) as raw:
+            parquet = pq.ParquetFile(raw)
+            schema, groups = parquet.schema_arrow, parquet.num_row_groups
+    except (pa.ArrowException, OSError) as err:
+        raise ConfigError(
+            f"captions.source: {path} is not a readable parquet file ({_one_line(err)}); re-export it "
+            f"or remove it from the source"
+        ) from None
+    if column not in schema.names:
+        raise _column_error(path, column, schema.names)
+    if not _is_text(schema.field(column).type):
+        raise ConfigError(
+            f"captions.column: {path} column {column!r} holds {schema.field(column).type}, not text; "
+            f"set captions.column to the caption text column"
+        )
+    return groups
+
+
 def plan_chunks(cfg: CaptionsConfig, chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]:
     """Cut one pass over the source into chunks, from file sizes and parquet footers only."""
     fs, files = list_caption_files(cfg)
@@ -109,37 +140,73 @@ def plan_chunks(cfg: CaptionsConfig, chunk_bytes: int = CHUNK_BYTES) -> list[Chu
             chunks += [Chunk(index, file.path, file.format, a, min(a + chunk_bytes, size))
                        for a in range(0, size, chunk_bytes)]
         elif file.format == "parquet":
-            with fs.open_input_file(file.path) as raw:
-                parquet = pq.ParquetFile(raw)
-                if cfg.column not in parquet.schema_arrow.names:
-                    raise _column_error(file.path, cfg.column, parquet.schema_arrow.names)
-                groups = parquet.num_row_groups
+            groups = _parquet_groups(fs, file.path, cfg.column)
             chunks += [Chunk(index, file.path, file.format, g, g + 1) for g in range(groups)]
         else:
             chunks.append(Chunk(index, file.path, file.format, 0, 0))
     return chunks
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # also the start of the UTF-32 marks
+REENCODE = "re-encode the caption file as UTF-8"
+
+
+def _split_lines(reader, offset: int, block_bytes: int = 1 << 16) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line without its end) from ``offset`` on; '\\n', '\\r\\n' and a lone '\\r' end
+    a line, so Unix, Windows and old Mac files split alike."""
+    pending = b""
+    while True:
+        block = reader.read(max(block_bytes, len(pending)))  # doubling: a long line stays linear
+        lines = (pending + block).splitlines(keepends=True)
+        # the last line may go on in the next block (or end in the CR of a CRLF): hold it back
+        pending = lines.pop() if block and lines else b""
+        for line in lines:
+            yield offset, line.rstrip(b"\r\n")
+            offset += len(line)
+        if not block:
+            return
+
+
+def check_text_bytes(path: str, offset: int, data: bytes) -> None:
+    """Refuse UTF-16/32 and binary data (NUL bytes) in a text caption file, naming the byte."""
+    if offset == 0 and data.startswith(UTF16_BOMS):
+        raise ConfigError(
+            f"{path}: starts with a UTF-16/32 byte-order mark; {REENCODE} "
+            f"(e.g. iconv -f UTF-16 -t UTF-8)"
+        )
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise ConfigError(
+            f"{path}: byte {offset + nul}: a NUL byte, so this is binary or UTF-16/32, not UTF-8 text; "
+            f"{REENCODE} or remove it from captions.source"
+        )
+
+
+def _decode(path: str, offset: int, line: bytes) -> str:
+    check_text_bytes(path, offset, line)
+    if offset == 0:
+        line = line.removeprefix(UTF8_BOM)
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: byte {offset + err.start}: not valid UTF-8 ({err.reason}); {REENCODE}"
+        ) from None
+
+
 def _chunk_lines(fs: pafs.FileSystem, chunk: Chunk) -> Iterator[tuple[int, str]]:
     """(byte offset, decoded line) for the lines that start in [start, stop)."""
     with fs.open_input_file(chunk.path) as raw:
-        reader = io.BufferedReader(raw, buffer_size=1 << 20)
-        offset = chunk.start
-        if offset:
-            reader.seek(offset - 1)
-            offset += len(reader.readline()) - 1  # finish the line the previous chunk owns
-        while offset < chunk.stop:
-            line = reader.readline()
-            if not line:
-                break
-            try:
-                yield offset, line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ConfigError(
-                    f"{chunk.path}: byte {offset + err.start}: not valid UTF-8 ({err.reason}); "
-                    f"re-encode the caption file as UTF-8"
-                ) from None
-            offset += len(line)
+        first = max(chunk.start - 1, 0)
+        raw.seek(first)
+        lines = _split_lines(raw, first)
+        if chunk.start:
+            next(lines, None)  # the end of the line the previous chunk owns ('' if it ended there)
+        for offset, line in lines:
+            if offset >= chunk.stop:
+                return
+            yield offset, _decode(chunk.path, offset, line)
 
 
 def _json_caption(line: str, path: str, offset: int, column: str) -> str | None:
@@ -148,27 +215,41 @@ def _json_caption(line: str, path: str, offset: int, column: str) -> str | None:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: byte {offset}: invalid JSON ({err.msg})") from None
+        raise ConfigError(
+            f"{path}: byte {offset}: invalid JSON ({err.msg}); fix or remove that line "
+            f"(one JSON object per line)"
+        ) from None
     if not isinstance(record, dict) or column not in record:
         raise _column_error(path, column, record if isinstance(record, dict) else [])
-    return record[column]
+    value = record[column]
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(
+            f"captions.column: {path}: byte {offset}: {column!r} holds {json.dumps(value)[:40]}, "
+            f"not text; set captions.column to the caption text field"
+        )
+    return value
 
 
 def _csv_cells(fs: pafs.FileSystem, chunk: Chunk, column: str) -> Iterator[str | None]:
     parse = pacsv.ParseOptions(delimiter="\t" if chunk.format == "tsv" else ",")
     convert = pacsv.ConvertOptions(column_types={column: pa.string()})
     with fs.open_input_stream(chunk.path) as raw:
+        check_text_bytes(chunk.path, 0, raw.read(1 << 16))
+    with fs.open_input_stream(chunk.path) as raw:
         try:
             reader = pacsv.open_csv(raw, parse_options=parse, convert_options=convert)
         except pa.ArrowInvalid as err:
-            raise ConfigError(f"{chunk.path}: cannot parse as {chunk.format} ({err})") from None
+            raise ConfigError(
+                f"{chunk.path}: cannot parse as {chunk.format} ({_one_line(err)}); it needs a header "
+                f"row naming captions.column, then one row per caption"
+            ) from None
         if column not in reader.schema.names:
             raise _column_error(chunk.path, column, reader.schema.names)
         try:
             for batch in reader:
                 yield from batch.column(column).to_pylist()
-        except pa.ArrowInvalid as err:
-            raise ConfigError(f"{chunk.path}: {err}; re-encode the file as UTF-8") from None
+        except (pa.ArrowInvalid, UnicodeDecodeError) as err:
+            raise ConfigError(f"{chunk.path}: {_one_line(err)}; {REENCODE}") from None
 
 
 def _chunk_cells(fs: pafs.FileSystem, chunk: Chunk, column: str) -> Iterator[tuple[int, str | None]]:

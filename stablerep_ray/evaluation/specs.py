@@ -230,26 +230,37 @@ def dataset_class_names(spec: str) -> list[str]:
     return sorted(str(v) for v in pc.unique(labels.drop_null()).to_pylist())
 
 
-def check_data_spec(spec: str) -> tuple[str, str | None]:
-    """Cheap preflight (no image decoding, no Ray): parse the spec, check simulator attributes and
-    that local datasets exist and hold at least two classes. Returns ``parse_data_spec(spec)``;
-    raises ``ConfigError``."""
-    train_spec, test_spec = parse_data_spec(spec)
-    for item in (train_spec, test_spec):
-        if item is None:
-            continue
-        if is_simulator_spec(item):
-            from ..tools import simulator
+def _local_classes(item: str) -> list[str] | None:
+    """Check one dataset item; its class names when local (None: simulator or remote)."""
+    if is_simulator_spec(item):
+        from ..tools import simulator
 
-            attribute, _, _ = parse_simulator(item)
-            attribute = getattr(simulator, "_ALIASES", {}).get(attribute, attribute)
-            if attribute not in simulator.ATTRIBUTES:
-                raise ConfigError(
-                    f"eval data {item!r}: unknown simulator attribute {attribute!r}; use one of "
-                    f"{sorted(simulator.ATTRIBUTES)}, e.g. simulator:shape"
-                )
-            continue
-        if "://" in item:
-            continue  # remote: checked when loaded
-        require_two_classes(dataset_class_names(item), item)
+        attribute, _, _ = parse_simulator(item)
+        attribute = getattr(simulator, "_ALIASES", {}).get(attribute, attribute)
+        if attribute not in simulator.ATTRIBUTES:
+            raise ConfigError(
+                f"eval data {item!r}: unknown simulator attribute {attribute!r}; use one of "
+                f"{sorted(simulator.ATTRIBUTES)}, e.g. simulator:shape"
+            )
+        return None
+    if "://" in item:
+        return None  # remote: checked when loaded
+    classes = dataset_class_names(item)
+    require_two_classes(classes, item)
+    return classes
+
+
+def check_data_spec(spec: str) -> tuple[str, str | None]:
+    """Cheap preflight (no image decoding, no Ray): parse the spec, check simulator attributes,
+    that local datasets exist and hold at least two classes, and that a local test set's classes
+    occur in its train set. Returns ``parse_data_spec(spec)``; raises ``ConfigError``."""
+    train_spec, test_spec = parse_data_spec(spec)
+    train = _local_classes(train_spec)
+    test = _local_classes(test_spec) if test_spec is not None else None
+    unknown = sorted(set(test) - set(train)) if train is not None and test is not None else []
+    if unknown:
+        raise ConfigError(
+            f"eval data {test_spec!r}: test classes {unknown[:10]} do not occur in the train set "
+            f"{train_spec!r}; the two sets must share class names"
+        )
     return train_spec, test_spec

@@ -46,7 +46,7 @@ def check_pipeline_path(model: str) -> None:
             f"generator.model: {model} has no model_index.json, so it is not a diffusers pipeline "
             f"directory; point it at a pipeline saved with save_pretrained"
         )
-    components = json.loads(index.read_text())
+    components = _model_index(index)
     missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in components]
     if missing or "Img2Img" in components.get("_class_name", "") or "Inpaint" in components.get(
         "_class_name", ""
@@ -56,6 +56,31 @@ def check_pipeline_path(model: str) -> None:
             f"{', '.join(missing) or 'a text-to-image entry point'}; a Stable Diffusion text-to-image "
             f"pipeline is needed"
         )
+    absent = [c for c, v in components.items() if _is_component(c, v) and not (path / c).is_dir()]
+    if absent:
+        raise ConfigError(
+            f"generator.model: {model} lists {', '.join(absent)} in model_index.json but has no "
+            f"{'/, '.join(absent)}/ folder; the download or copy is incomplete, fetch the whole pipeline"
+        )
+
+
+def _model_index(index: Path) -> dict:
+    """The parsed model_index.json of a local pipeline (a JSON object), or a ConfigError."""
+    try:
+        components = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise ConfigError(
+            f"generator.model: {index} is not valid JSON ({err}); the download or copy is incomplete, "
+            f"fetch the pipeline again"
+        ) from None
+    if not isinstance(components, dict):
+        raise ConfigError(f"generator.model: {index} is not a JSON object; fetch the pipeline again")
+    return components
+
+
+def _is_component(name: str, value) -> bool:
+    """A model_index.json entry that save_pretrained wrote to its own subfolder (not a null slot)."""
+    return not name.startswith("_") and isinstance(value, list) and any(v is not None for v in value)
 
 
 def load_pipeline(cfg: GeneratorConfig):
