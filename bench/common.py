@@ -90,7 +90,7 @@ def start_ray(num_cpus: int = 8, worker_niceness: int | None = None) -> None:
     import ray
 
     if worker_niceness is not None:
-        os.environ["RAY_worker_niceness"] = str(worker_niceness)
+        os.environ["RAY_worker_niceness"] = str(worker_niceness)  # noqa: SIM112 - Ray's own spelling
     for attempt in range(3):
         if ray.is_initialized():
             break
@@ -142,7 +142,6 @@ def caption_batches(config, num_batches: int) -> list[dict]:
     Same rows in the same order as ``build_image_stream``'s blocks: chunk after chunk, pass after pass,
     each chunk cut into ``captions_per_call``-row blocks (the last block of a chunk may be shorter).
     """
-    import numpy as np
 
     from stablerep_ray.captions.files import caption_rows, plan_chunks, read_chunk
 

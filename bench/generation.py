@@ -185,7 +185,7 @@ def run_config(path: str, overrides: list[str], rounds: int, batches_per_window:
     local = [in_process_window(actor, batches)]
     print(f"  in-process : {local[-1]['images_per_s']:8.1f} images/s", flush=True)
     remote, ratios, plain = [], [], []
-    for r in range(rounds):
+    for _ in range(rounds):
         remote.append(ray_window(config, k, per_pass))
         print(f"  Ray Data   : {remote[-1]['images_per_s']:8.1f} images/s "
               f"(warm-up {remote[-1]['warmup_s']:.1f} s)", flush=True)

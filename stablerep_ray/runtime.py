@@ -19,7 +19,7 @@ class Need:
     gpus: float
 
     @classmethod
-    def of(cls, config: Config) -> "Need":
+    def of(cls, config: Config) -> Need:
         t, g = config.train, config.generator
         cpus = t.num_workers * t.num_cpus_per_worker + g.num_actors * g.num_cpus_per_actor + 1
         gpus = t.num_workers * (1 if t.use_gpu else 0) + g.num_actors * g.num_gpus_per_actor

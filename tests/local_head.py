@@ -6,6 +6,7 @@ Stopping it stops exactly this instance, never other Ray instances on the host (
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -15,8 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 VENV_BIN = Path(sys.executable).parent
 RAY = VENV_BIN / "ray"
@@ -91,7 +92,7 @@ class LocalHead:
             RAY_ADDRESS=self.address,
             **(env or {}),
         )
-        self.log = open(workdir / "ray_head.log", "w")
+        self.log = open(workdir / "ray_head.log", "w")  # noqa: SIM115 - the head's log for its lifetime
         self.proc = subprocess.Popen(
             [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
              f"--num-cpus={num_cpus:g}", "--num-gpus=0", f"--temp-dir={self.temp_dir}",
@@ -129,10 +130,8 @@ class LocalHead:
             if not pids:
                 break
             for pid in pids:
-                try:
+                with contextlib.suppress(OSError):  # already gone
                     os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
             time.sleep(0.5)
         self.log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)

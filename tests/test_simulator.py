@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stablerep_ray.tools import simulator as sim
 from stablerep_ray.config import GeneratorConfig
+from stablerep_ray.tools import simulator as sim
 
 
 def _config(**kw) -> GeneratorConfig:

@@ -346,7 +346,7 @@ class BatchAugment:
         params = params.to(images.device)
         step = self.chunk_size or B
         with torch.autocast(device_type=images.device.type, enabled=False):
-            if B <= step:
+            if step >= B:
                 return self._apply_chunk(images, params)
             out = torch.empty(B, 3, S, S, device=images.device, dtype=torch.float32)
             for start in range(0, B, step):  # chunks bound memory; not a per-image loop

@@ -39,7 +39,7 @@ class Config(_Section):
     )
 
     @model_validator(mode="after")
-    def _check_consistency(self) -> "Config":
+    def _check_consistency(self) -> Config:
         objective = get_objective(self.train.objective)
         objective.check_config(self)
         m, n = self.stream.images_per_group, self.generator.images_per_caption

@@ -189,7 +189,9 @@ class TrainConfig(_Section):
         8256, gt=0, description="Global images per step (all workers); a multiple of m x num_workers."
     )
     steps: int = Field(1000, gt=0, description="Optimiser steps in the run.")
-    base_lr: float = Field(2e-4, gt=0, description="Learning rate per 256 images (train.lr_scaling turns it into the peak lr).")
+    base_lr: float = Field(
+        2e-4, gt=0, description="Learning rate per 256 images (train.lr_scaling turns it into the peak lr)."
+    )
     lr_scaling: Literal["authors", "linear"] = Field(
         "authors",
         description="Peak lr from base_lr. 'authors': base_lr x batch_size / 256 / 2, as StableRep's released "

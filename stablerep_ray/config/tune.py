@@ -24,7 +24,7 @@ class TuneParam(_Section):
         return {"grid": data} if isinstance(data, list) else data
 
     @model_validator(mode="after")
-    def _one_form(self) -> "TuneParam":
+    def _one_form(self) -> TuneParam:
         forms = [name for name in TuneParam.model_fields if getattr(self, name) is not None]
         if len(forms) != 1:
             raise ValueError(
@@ -56,7 +56,7 @@ class TuneBudgetConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _one_unit(self) -> "TuneBudgetConfig":
+    def _one_unit(self) -> TuneBudgetConfig:
         if self.steps and self.images:
             raise ValueError("set either steps or images, not both")
         return self
@@ -118,7 +118,7 @@ class TuneConfig(_Section):
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "TuneConfig":
+    def _check(self) -> TuneConfig:
         if not self.seeds:
             raise ValueError("seeds: list at least one seed")
         if len(set(self.seeds)) != len(self.seeds):

@@ -33,5 +33,7 @@ def generator_class(cfg: GeneratorConfig) -> type:
     try:
         module, name = BACKENDS[cfg.backend].split(":")
     except KeyError:
-        raise ConfigError(f"generator.backend: unknown backend {cfg.backend!r}; choose one of {sorted(BACKENDS)}") from None
+        raise ConfigError(
+            f"generator.backend: unknown backend {cfg.backend!r}; choose one of {sorted(BACKENDS)}"
+        ) from None
     return getattr(importlib.import_module(module), name)

@@ -85,8 +85,8 @@ def _is_component(name: str, value) -> bool:
 
 def load_pipeline(cfg: GeneratorConfig):
     """``from_pretrained`` + scheduler swap + the speed options that apply to this device."""
-    from diffusers import DiffusionPipeline
     import diffusers
+    from diffusers import DiffusionPipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device)

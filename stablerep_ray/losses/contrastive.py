@@ -19,10 +19,10 @@ ranks; a single rank's ``L_r`` is only an estimate.
 
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
 
 def multi_positive_loss(
     features: torch.Tensor,

@@ -4,4 +4,6 @@ and the checkpoint file that rebuilds them without the training code."""
 from .io import MODEL_FILE, load_model, save_model
 from .vision import ProjectionHead, StableRepModel, build_model, create_encoder
 
-__all__ = ["MODEL_FILE", "ProjectionHead", "StableRepModel", "build_model", "create_encoder", "load_model", "save_model"]
+__all__ = [
+    "MODEL_FILE", "ProjectionHead", "StableRepModel", "build_model", "create_encoder", "load_model", "save_model",
+]

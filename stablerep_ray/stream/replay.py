@@ -13,8 +13,8 @@ row to exactly one worker, never two workers.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 

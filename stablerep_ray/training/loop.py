@@ -71,7 +71,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if config.stream.log_consumed:
         log_dir = Path(loop_config["run_dir"]) / "consumed"
         log_dir.mkdir(parents=True, exist_ok=True)
-        consumed_log = open(log_dir / f"rank{rank}-from{start_step:08d}-{os.getpid()}.jsonl", "a")
+        log_file = log_dir / f"rank{rank}-from{start_step:08d}-{os.getpid()}.jsonl"
+        consumed_log = open(log_file, "a")  # noqa: SIM115 - written every step, closed after the loop
     interval_start, interval_wait, interval_steps = time.perf_counter(), 0.0, 0
     end_step = min(t.steps, loop_config.get("max_steps") or t.steps)
     for index in range(start_step, end_step):

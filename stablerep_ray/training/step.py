@@ -44,7 +44,7 @@ class TrainStep:
     forward: Forward | None = field(default=None)  # the DDP-wrapped or compiled model; default: model
 
     @classmethod
-    def build(cls, config: Config, device: torch.device, seed: int = 0, distributed: bool = False) -> "TrainStep":
+    def build(cls, config: Config, device: torch.device, seed: int = 0, distributed: bool = False) -> TrainStep:
         """A fresh objective, model (on ``device``), optimiser and schedule for ``config``.
 
         Seed torch before calling it: the model's initial weights come from the global generator.
