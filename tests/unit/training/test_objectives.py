@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from repo import QUICKSTART, ROOT
 
 from stablerep_ray.config import ConfigError, load_config
 from stablerep_ray.losses import multi_positive_loss
 from stablerep_ray.training.objectives import OBJECTIVES
 from stablerep_ray.training.step import TrainStep, synthetic_batch
 
-ROOT = Path(__file__).resolve().parent.parent
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 TINY = ["model.kwargs.depth=1", "model.head_hidden_dim=32", "model.embed_dim=16", "model.text.width=32",
         "model.text.layers=1", "model.text.heads=2", "model.text.context_length=16", "train.batch_size=32"]
 

@@ -8,12 +8,12 @@ scale, m, lr) with fewer steps, so this test also guards the quickstart's claim 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
 import torch
+from repo import QUICKSTART
 
 from stablerep_ray.config import load_config
 from stablerep_ray.evaluation import extract_features, knn_accuracy
@@ -24,7 +24,6 @@ from stablerep_ray.training.trainer import fit
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 ATTRIBUTE = "color"
 STEPS = 80
 # Held-out images per class, for the kNN memory bank and (disjointly) for the queries.

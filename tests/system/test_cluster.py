@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 from local_head import RAY, LocalHead, free_ports
+from repo import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_FILES = ["cluster.yaml", "cluster-gcp.yaml"]
 RAY_IMAGE = "rayproject/ray:2.60.0-py311-gpu"
 ROLE = "stablerep/role"

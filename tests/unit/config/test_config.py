@@ -2,14 +2,13 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from repo import ROOT
 
 from stablerep_ray.config import ConfigError, load_config, reference_markdown
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
@@ -89,5 +88,5 @@ def test_bad_yaml_names_the_file(tmp_path):
 
 def test_readme_reference_is_the_schema():
     """The README's configuration table is `stablerep-ray config-reference`, not a copy that drifts."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     assert reference_markdown() in readme, "regenerate it: stablerep-ray config-reference"

@@ -2,9 +2,9 @@
 no Ray started (so no actor, no GPU reserved) and nothing written to the output directory.
 
 Each case runs the real command (`stablerep-ray train` through ``cli.main``) on the quickstart with
-one thing broken. The per-trial resource check of `stablerep-ray tune` is in tests/test_tune.py
+one thing broken. The per-trial resource check of `stablerep-ray tune` is in tests/system/test_tune.py
 (`test_too_small_for_one_trial_*`), and a checkpoint whose write was interrupted is ignored on resume
-in tests/test_pipeline.py.
+in tests/system/test_pipeline.py.
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from repo import QUICKSTART, ROOT
 
 from stablerep_ray import cli
-
-ROOT = Path(__file__).resolve().parent.parent
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
 def write(path: Path, data: str | bytes) -> str:

@@ -4,9 +4,9 @@ Fast and Ray-free: rates come from the FLOP estimate or from small JSON tables w
 """
 
 import json
-from pathlib import Path
 
 import pytest
+from repo import CONFIGS
 
 from stablerep_ray.config import load_config
 from stablerep_ray.tools.planner import (
@@ -26,7 +26,6 @@ from stablerep_ray.tools.planner import (
     rates_for,
 )
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PAPER = CONFIGS / "paper-vitb16-sd15.yaml"
 QUICKSTART = CONFIGS / "quickstart.yaml"
 

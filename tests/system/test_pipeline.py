@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from repo import CONFIGS
 
 from stablerep_ray.config import from_dict
 from stablerep_ray.generation.stage import build_image_stream
@@ -185,9 +186,8 @@ def test_paper_stream_shape_rehearsal(tmp_path):
     from stablerep_ray.config import load_config
     from stablerep_ray.training.trainer import fit
 
-    root = Path(__file__).resolve().parents[1]
     steps = 45
-    config = load_config(root / "configs" / "paper-vitb16-sd15.yaml", [
+    config = load_config(CONFIGS / "paper-vitb16-sd15.yaml", [
         f"output_dir={tmp_path}", f"captions.source={write_captions(tmp_path / 'captions.txt', 5000)}",
         "generator.backend=simulator", "generator.output_size=16", "generator.num_actors=2",
         "generator.num_gpus_per_actor=0", "generator.num_cpus_per_actor=1", "generator.captions_per_call=64",
@@ -224,7 +224,7 @@ def test_paper_stream_shape_rehearsal(tmp_path):
     assert last["stream/buffer_fill"] > 0.9
     assert last["stream/steps_between_serves"] >= buffer / k / 2
     # ~K/R fresh groups a step needs the first groups to reach R serves (~R x buffer / K steps):
-    # tests/test_stream.py runs the same stream that long.
+    # tests/unit/stream/test_replay.py runs the same stream that long.
 
 
 def test_default_config_fits_its_buffer():
