@@ -32,7 +32,11 @@ def preflight(config: Config) -> int:
     from .captions import inspect_captions
     from .generation import generator_class
     from .runtime import check_local_fit
+    from .storage import check_writable
 
+    check_writable(config.output_dir, "output_dir", remote=False)
+    if config.cluster.storage_path:
+        check_writable(config.cluster.storage_path, "cluster.storage_path")
     stats = inspect_captions(config.captions)
     more = "" if stats.complete else "+ (first rows checked)"
     print(f"captions: {stats.captions}{more} from {config.captions.source}"
@@ -67,6 +71,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_from_args(args)
     captions_per_pass = preflight(config)
+    t = config.train
+    print(f"training: {t.steps} steps x {t.batch_size} images ({config.captions_per_worker_step} captions x "
+          f"{config.group_size} per worker step), objective {t.objective}, peak lr {config.peak_lr:.4g}")
     init_ray(config)
     result = fit(config, max_steps=args.max_steps, captions_per_pass=captions_per_pass)
     print(f"checkpoints: {result.checkpoint.path if result.checkpoint else 'none'}")
@@ -75,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .tune import run_sweep
+    from .sweep import run_sweep
 
     config = load_from_args(args)
     captions_per_pass = preflight(config)

@@ -12,23 +12,39 @@ from pydantic import BaseModel, ValidationError
 from .schema import Config
 from .sections import ConfigError
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
+
+def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=100")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw else ""
+    return key.strip(), yaml.safe_load(raw) if raw else ""
+
+
+def set_dotted_key(data: dict, key: str, value: Any, where: str, create: bool = False) -> None:
+    """Set dotted ``key`` (``a.b.c``) in a nested config dict; ``where`` names the setting in errors.
+
+    ``create`` makes missing sections (``--set``: the schema then names the unknown key); without it
+    a missing section is an error here (a swept or seed key must name an existing setting).
+    """
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        if part not in node and not create:
+            raise ConfigError(
+                f"{where}: {'.'.join(parts[: i + 1])!r} is not a config section; check the spelling "
+                f"(`stablerep-ray config-reference` lists all keys)"
+            )
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {part!r} is not a section")
+    node[parts[-1]] = value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b=c`` overrides (values parsed as YAML) to a nested dict."""
     for item in overrides or []:
-        path, value = _parse_override(item)
-        node = data
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-        node[path[-1]] = value
+        key, value = _parse_override(item)
+        set_dotted_key(data, key, value, f"--set {item!r}", create=True)
     return data
 
 

@@ -1,4 +1,4 @@
-"""Ray Tune sweeps: `stablerep-ray tune` (stablerep_ray/tune.py).
+"""Ray Tune sweeps: `stablerep-ray tune` (stablerep_ray/sweep/).
 
 * The sweep is planned and checked before Ray starts: swept keys exist, the global image batch is the
   same for every m, every report carries the metric, one trial fits the cluster (else the command
@@ -27,9 +27,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from local_head import LocalHead, clean_env
+from repo import ROOT
 
 from stablerep_ray.config import ConfigError, load_config
-from stablerep_ray.tune import (
+from stablerep_ray.sweep import (
     ATTEMPTS_FILE,
     DRAW,
     SEED,
@@ -41,7 +42,6 @@ from stablerep_ray.tune import (
     write_outputs,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ROOT / "configs" / "sweep-quickstart.yaml"
 
 # Tiny trials: 1 train worker + 1 generator actor + 1 reader + 0.5 driver = 3.5 CPUs.
@@ -212,7 +212,7 @@ def test_too_small_for_one_trial_fails_before_ray_starts(tmp_path):
     well under a second, and no Ray is started."""
     import ray
 
-    from stablerep_ray.tune import run_sweep
+    from stablerep_ray.sweep import run_sweep
 
     # 3 CPUs hold the trial itself (the train preflight passes) but not its 0.5-CPU Tune driver.
     config = load_config(SWEEP, tiny(tmp_path, "cluster.num_cpus=3"))
