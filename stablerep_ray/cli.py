@@ -67,13 +67,14 @@ def warn_if_unbalanced(config: Config) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .runtime import init_ray
+    from .training.optim import describe_lr
     from .training.trainer import fit
 
     config = load_from_args(args)
     captions_per_pass = preflight(config)
     t = config.train
     print(f"training: {t.steps} steps x {t.batch_size} images ({config.captions_per_worker_step} captions x "
-          f"{config.group_size} per worker step), objective {t.objective}, peak lr {config.peak_lr:.4g}")
+          f"{config.group_size} per worker step), objective {t.objective}, {describe_lr(config)}")
     init_ray(config)
     result = fit(config, max_steps=args.max_steps, captions_per_pass=captions_per_pass)
     print(f"checkpoints: {result.checkpoint.path if result.checkpoint else 'none'}")

@@ -35,3 +35,10 @@ def lr_multiplier(step: int, config: Config) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, config))
+
+
+def describe_lr(config: Config) -> str:
+    """The peak lr and where it comes from, e.g. 'peak lr 3.225e-3 (train.lr_scaling=authors of ...)'."""
+    t = config.train
+    peak = f"{config.peak_lr:.4g}" if config.peak_lr >= 0.01 else f"{config.peak_lr:.3e}".replace("e-0", "e-")
+    return f"peak lr {peak} (train.lr_scaling={t.lr_scaling} of base_lr {t.base_lr:g} at batch {t.batch_size})"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ...config import Config
 from ...training.objectives import get_objective
+from ...training.optim import describe_lr
 from .costs import Rates, generators_per_trainer, uses_gpus
 from .measure import rates_for
 
@@ -183,8 +184,7 @@ def plan(config: Config, gpus: float, measure: bool = False, gpu_type: str | Non
     actor_rate, worker_rate = per_unit_rates(config, rates)
     per = "GPU" if unit == "GPU" else "actor / worker"
     lines += [
-        f"optimiser: peak lr {config.peak_lr:.4g} (train.lr_scaling={t.lr_scaling} of base_lr {t.base_lr:g} "
-        f"at batch {t.batch_size}), {t.warmup_steps} warm-up steps of {t.steps}",
+        f"optimiser: {describe_lr(config)}, {t.warmup_steps} warm-up steps of {t.steps}",
         f"rates per {per}: generator {rates.generator:,.4g} images/s, trainer {rates.trainer:,.4g} images/s",
         f"  generator: {rates.generator_source}",
         f"  trainer:   {rates.trainer_source}",

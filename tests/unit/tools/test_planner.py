@@ -209,3 +209,9 @@ def test_short_generator_calls_are_flagged(tmp_path):
     (tmp_path / "planner-rates.json").write_text(json.dumps(
         {key: {"config": "quickstart", "generator": 2400.0, "trainer": 60.0, "time": "then"}}))
     assert "and short generator calls" in plan(short, gpus=8, results=tmp_path)
+
+
+def test_plan_prints_the_authors_peak_lr_of_the_paper_config():
+    """2e-4 x 8256 / 256 / 2: the released code's lr scaling (docs/paper-recipe.md)."""
+    assert "peak lr 3.225e-3 (train.lr_scaling=authors" in plan(paper(), gpus=128)
+    assert "peak lr 6.450e-3 (train.lr_scaling=linear" in plan(paper("train.lr_scaling=linear"), gpus=128)
