@@ -142,7 +142,8 @@ def test_groups_stay_whole_and_are_served_at_most_r_times(tmp_path, reuse):
         assert len(served) == 2 * 12 * config.captions_per_worker_step
         assert sum(r["admitted"] for r in records) == len(served)
     else:
-        assert sum(r["admitted"] for r in records) < len(served) * 1.0 + 1
+        # admitted groups were served, or still wait in a worker's buffer (draws are uniform over it)
+        assert sum(r["admitted"] for r in records) <= len(served) + 2 * config.buffer_groups
         assert sum(served.values()) > sum(r["admitted"] for r in records), "groups were reused"
 
 
