@@ -66,12 +66,12 @@ def warn_if_unbalanced(config: Config) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    config = load_from_args(args)  # before the heavy imports: a bad config is refused in a blink
+    captions_per_pass = preflight(config)
     from .runtime import init_ray
     from .training.optim import describe_lr
     from .training.trainer import fit
 
-    config = load_from_args(args)
-    captions_per_pass = preflight(config)
     t = config.train
     print(f"training: {t.steps} steps x {t.batch_size} images ({config.captions_per_worker_step} captions x "
           f"{config.group_size} per worker step), objective {t.objective}, {describe_lr(config)}")
@@ -83,10 +83,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .sweep import run_sweep
-
     config = load_from_args(args)
     captions_per_pass = preflight(config)
+    from .sweep import run_sweep
+
     run_sweep(config, resume=args.resume, captions_per_pass=captions_per_pass)
     return 0
 
