@@ -90,3 +90,13 @@ def test_readme_reference_is_the_schema():
     """The README's configuration table is `stablerep-ray config-reference`, not a copy that drifts."""
     readme = (ROOT / "README.md").read_text()
     assert reference_markdown() in readme, "regenerate it: stablerep-ray config-reference"
+
+
+@pytest.mark.parametrize("reuse,mb,need", [(1, 0.5, 1), (4, 1, 4)])
+def test_a_replay_buffer_too_small_is_refused_with_the_size_that_works(reuse, mb, need):
+    """The quickstart's K = 16 groups of 8 x 48 x 48 x 3 bytes: one step needs 16 groups, R = 4 needs 64."""
+    overrides = [f"stream.reuse={reuse}", f"stream.buffer_mb={mb}"]
+    with pytest.raises(ConfigError, match=rf"^stream\.buffer_mb: .*set it to at least {need} or to 0 \(auto\)"):
+        load_config(ROOT / "configs" / "quickstart.yaml", overrides)
+    config = load_config(ROOT / "configs" / "quickstart.yaml", [f"stream.reuse={reuse}", f"stream.buffer_mb={need}"])
+    assert config.buffer_groups >= reuse * config.captions_per_worker_step
