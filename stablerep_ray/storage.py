@@ -26,7 +26,11 @@ def open_filesystem(location: str, what: str) -> tuple[pafs.FileSystem, str]:
         try:
             return pafs.FileSystem.from_uri(location)
         except Exception as err:  # noqa: BLE001 - pyarrow raises several types for bad URIs
-            raise ConfigError(f"{what}: cannot open {location!r} ({err})") from None
+            reason = " ".join(str(err).split())[:200]
+            raise ConfigError(
+                f"{what}: cannot open {location!r} ({reason}); use a local path or a reachable URI of a "
+                f"supported scheme (s3://, gs://, hdfs://)"
+            ) from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
 
 
@@ -80,7 +84,7 @@ def check_writable(location: str, key: str, remote: bool = True) -> None:
                 f"{key}: {location} is a URI, but {key} must be a local directory; put remote "
                 f"storage in cluster.storage_path"
             )
-        _check_uri(location, key)
+        open_filesystem(location, key)
         return
     path = Path(location.removeprefix("file://")).expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
@@ -89,21 +93,6 @@ def check_writable(location: str, key: str, remote: bool = True) -> None:
             f"{key}: {location} cannot be a directory: {existing} is a file; choose another directory"
         )
     _probe_write(existing, location, key)
-
-
-def _check_uri(location: str, key: str) -> None:
-    import pyarrow.fs as pafs
-
-    from .config import ConfigError
-
-    try:
-        pafs.FileSystem.from_uri(location)
-    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for bad URIs
-        reason = " ".join(str(err).split())[:200]
-        raise ConfigError(
-            f"{key}: cannot open {location!r} ({reason}); use a local path or a reachable URI of a "
-            f"supported scheme (s3://, gs://, hdfs://)"
-        ) from None
 
 
 def _probe_write(directory: Path, location: str, key: str) -> None:

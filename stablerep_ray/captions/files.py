@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..config import CaptionsConfig, ConfigError
+from ..storage import open_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -58,18 +59,9 @@ class Chunk:
     stop: int
 
 
-def _filesystem(source: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in source:
-        try:
-            return pafs.FileSystem.from_uri(source)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
-            raise ConfigError(f"captions.source: cannot open {source!r}: {err}") from None
-    return pafs.LocalFileSystem(), str(source)
-
-
 def list_caption_files(cfg: CaptionsConfig) -> tuple[pafs.FileSystem, list[CaptionFile]]:
     """Resolve ``captions.source`` (file or directory) to its caption files, in a stable order."""
-    fs, path = _filesystem(cfg.source)
+    fs, path = open_filesystem(cfg.source, "captions.source")
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise ConfigError(f"captions.source: {cfg.source} does not exist; check the path")
@@ -296,7 +288,7 @@ def _clean(text, cfg: CaptionsConfig, chunk: Chunk) -> str:
 
 def read_chunk(cfg: CaptionsConfig, chunk: Chunk) -> tuple[list[int], list[str], int]:
     """Source positions and texts of one chunk's captions (blanks skipped), and how many blanks."""
-    fs, _ = _filesystem(cfg.source)
+    fs, _ = open_filesystem(cfg.source, "captions.source")
     ids, texts, blanks = [], [], 0
     for key, raw in _chunk_cells(fs, chunk, cfg.column):
         text = _clean(raw, cfg, chunk)
@@ -321,7 +313,7 @@ def inspect_captions(cfg: CaptionsConfig, max_rows: int = 200_000) -> CaptionSta
     Runs before Ray starts, so a missing file, a wrong column, non-UTF-8 bytes or over-long lines are
     reported in one line instead of inside a Ray task after GPUs were reserved.
     """
-    fs, _ = _filesystem(cfg.source)
+    fs, _ = open_filesystem(cfg.source, "captions.source")
     captions = blanks = 0
     for chunk in plan_chunks(cfg):
         for _, raw in _chunk_cells(fs, chunk, cfg.column):

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
-from ..models import save_model
+from ..models import MODEL_FILE, save_model
 from ..storage import latest_train_result
 from ..stream import GroupStream, resume_chunk
 from .step import TrainStep
@@ -27,7 +27,7 @@ RESUME_CHUNK = "stream/resume_chunk"
 def restore(step: TrainStep, checkpoint, rank: int) -> int:
     """Load model, optimiser, schedule, objective and RNG state; returns the stream's resume chunk."""
     with checkpoint.as_directory() as ckpt_dir:
-        model_file = torch.load(Path(ckpt_dir) / "model.pt", map_location=step.device)
+        model_file = torch.load(Path(ckpt_dir) / MODEL_FILE, map_location=step.device)
         state = torch.load(Path(ckpt_dir) / TRAINER_STATE_FILE, map_location=step.device, weights_only=False)
     step.model.load_state_dict(model_file["model"])
     step.load_state_dict(state)
