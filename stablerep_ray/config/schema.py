@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from ..training.objectives import get_objective
+from .objectives import SynCLRConfig
 from .sections import (
     MIX_FACTOR,
     AugmentConfig,
@@ -33,6 +34,9 @@ class Config(_Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    synclr: SynCLRConfig = Field(
+        default_factory=SynCLRConfig, description="SynCLR's teacher, crops and masking (train.objective=synclr)."
+    )
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tune: TuneConfig = Field(
         default_factory=TuneConfig, description="Sweep definition for `stablerep-ray tune` (docs/tuning.md)."

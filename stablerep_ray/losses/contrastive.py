@@ -1,5 +1,6 @@
-"""Contrastive losses: StableRep's multi-positive loss (SimCLR as its m=2 case) and StableRep+'s
-image-text loss, each in a single-process and a cross-rank form.
+"""Contrastive losses: StableRep's multi-positive loss (SimCLR as its m=2 case), SynCLR's
+student-against-teacher form of it, and StableRep+'s image-text loss, each in a single-process and a
+cross-rank form.
 
 All losses share one primitive: a cross-entropy of each anchor row against a target spread uniformly
 over that row's positives. Labels are caption ids and the positive mask is rebuilt from them on every
@@ -104,6 +105,40 @@ def image_text_loss(
         return (image_to_text + text_to_image) / 2
 
 
+def teacher_multi_positive_loss(
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    query_images: torch.Tensor,
+    keys: torch.Tensor,
+    key_labels: torch.Tensor,
+    key_images: torch.Tensor,
+    temperature: float = 0.08,
+    distributed: bool = False,
+) -> torch.Tensor:
+    """SynCLR's contrastive term: student crops (``queries``) against the teacher's global-crop
+    embeddings (``keys``, no gradient) of the whole global batch.
+
+    A query's positives are the keys of the same caption (``*_labels``) that come from another image;
+    the keys of its own image (``*_images``: image indices within the rank) are left out of numerator
+    and denominator, so no crop is its own positive. Anchors without a positive are left out of the
+    mean; across ranks the gradient convention is the module docstring's.
+    """
+    with _full_precision(queries):
+        dtype = _compute_dtype(queries)
+        q = F.normalize(queries.to(dtype), dim=1)
+        k = F.normalize(keys.detach().to(dtype), dim=1)
+        world, rank = _world(distributed)
+        offset = rank * len(keys)  # image indices are below the rank's key count: unique after this
+        k_all = _gather(k, world)
+        key_labels_all = _gather(key_labels.to(q.device), world)
+        key_images_all = _gather(key_images.to(q.device) + offset, world)
+        own = (query_images.to(q.device)[:, None] + offset) == key_images_all[None, :]
+        logits = (q @ k_all.T / temperature).masked_fill(own, -torch.finfo(q.dtype).max)
+        positives = (query_labels.to(q.device)[:, None] == key_labels_all[None, :]) & ~own
+        num_valid = _sum_over_ranks(positives.any(dim=1).sum(), world)
+        return _global_mean(_soft_target_cross_entropy(logits, positives), num_valid, world)
+
+
 # --------------------------------------------------------------------------------------------------
 def _soft_target_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """Per-row -sum_j p_j log softmax(logits)_j with p uniform over the row's positives.
@@ -118,6 +153,13 @@ def _soft_target_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) ->
 def _global_mean(row_losses: torch.Tensor, num_valid: torch.Tensor, world: int) -> torch.Tensor:
     """world * local sum / global valid count: averaging over ranks gives the global mean."""
     return world * row_losses.sum() / num_valid.clamp(min=1)
+
+
+def _sum_over_ranks(count: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+    return count
 
 
 def _compute_dtype(features: torch.Tensor) -> torch.dtype:

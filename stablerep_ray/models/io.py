@@ -1,6 +1,8 @@
-"""A checkpoint's ``model.pt``: ``{"config": Config dict, "model_kwargs": dict, "model": state_dict}``,
-enough to rebuild the exact architecture without the training code (``load_model``). ``model_kwargs``
-are what the objective added to ``build_model`` (StableRep+'s text vocabulary size)."""
+"""A checkpoint's ``model.pt``: ``{"config": Config dict, "model_kwargs": dict, "model": state_dict,
+"weights": {name: state_dict}, "eval_weights": name}``, enough to rebuild the exact architecture
+without the training code (``load_model``). ``model_kwargs`` are what the objective added to
+``build_model``; ``weights`` are other weight sets of the same architecture (SynCLR's EMA teacher) and
+``eval_weights`` the set evaluation uses by default ("model": the trained network itself)."""
 
 from __future__ import annotations
 
@@ -16,13 +18,35 @@ from .vision import StableRepModel, build_model
 MODEL_FILE = "model.pt"
 
 
-def save_model(model: nn.Module, config: Config, directory: str | Path, **model_kwargs) -> None:
+def save_model(model: nn.Module, config: Config, directory: str | Path, *, weights: dict[str, nn.Module] | None = None,
+               eval_weights: str = "model", **model_kwargs) -> None:
     state = {
         "config": config.model_dump(mode="json"),
         "model_kwargs": model_kwargs,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": _cpu_state(model),
+        "weights": {name: _cpu_state(module) for name, module in (weights or {}).items()},
+        "eval_weights": eval_weights,
     }
     torch.save(state, Path(directory) / MODEL_FILE)
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def weight_names(state: dict) -> list[str]:
+    """The weight sets a loaded ``model.pt`` holds: "model" and any extra ones."""
+    return ["model", *state.get("weights", {})]
+
+
+def weights_state(state: dict, weights: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of weight set ``weights`` (None: the file's ``eval_weights``)."""
+    name = weights or state.get("eval_weights", "model")
+    if name == "model":
+        return state["model"]
+    if name not in state.get("weights", {}):
+        raise ConfigError(f"weights: this checkpoint holds {weight_names(state)}, not {name!r}; pick one of those")
+    return state["weights"][name]
 
 
 def model_file(checkpoint: str | os.PathLike) -> Path:
@@ -43,23 +67,25 @@ def model_file(checkpoint: str | os.PathLike) -> Path:
     return file
 
 
-def load_model(checkpoint: str | os.PathLike) -> tuple[StableRepModel, Config]:
-    """Rebuild the model saved in a checkpoint directory (or its ``model.pt``) on the CPU."""
+def load_model(checkpoint: str | os.PathLike, weights: str | None = None) -> tuple[StableRepModel, Config]:
+    """Rebuild the model saved in a checkpoint directory (or its ``model.pt``) on the CPU, with weight
+    set ``weights`` (None: the one evaluation uses by default, e.g. SynCLR's teacher)."""
     state = torch.load(model_file(checkpoint), map_location="cpu", weights_only=False)
     config = from_dict(state["config"])
     model = build_model(config, **state.get("model_kwargs", {}))
-    model.load_state_dict(state["model"])
+    model.load_state_dict(weights_state(state, weights))
     return model.eval(), config
 
 
-def load_checked_model(checkpoint: str | os.PathLike) -> tuple[StableRepModel, Config]:
+def load_checked_model(checkpoint: str | os.PathLike, weights: str | None = None) -> tuple[StableRepModel, Config]:
     """``load_model`` for files from outside a run (``stablerep-ray eval``): a corrupt file or weights
     that do not fit the stored config become a ConfigError that says so and how to fix it."""
     file = model_file(checkpoint)
     try:
-        return load_model(file)
+        return load_model(file, weights)
     except ConfigError as err:
-        raise ConfigError(f"checkpoint {str(file)!r}: its config is invalid: {err}") from None
+        what = "" if str(err).startswith("weights:") else "its config is invalid: "
+        raise ConfigError(f"checkpoint {str(file)!r}: {what}{err}") from None
     except Exception as err:  # noqa: BLE001 - torch.load / pickle raise many types
         text = str(err).strip()
         if isinstance(err, RuntimeError) and "state_dict" in text:  # load_state_dict mismatch

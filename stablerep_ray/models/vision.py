@@ -1,9 +1,11 @@
-"""The image model: a timm ViT (CLS feature) with an MLP projection head, plus the optional text
-tower and logit scale that StableRep+ trains with it."""
+"""The image model: a timm ViT (CLS feature) with an MLP projection head, plus the optional parts
+an objective adds: StableRep+'s text tower and logit scale, SynCLR's predictor, patch head and mask
+token. Which parts exist is fixed by ``build_model``'s arguments, saved with the weights."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import timm
 import torch
@@ -11,12 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Config, ConfigError, ModelConfig
+from .heads import Norm, PatchHead, ProjectionHead
 from .text import TextTower
 
 
-def create_encoder(cfg: ModelConfig) -> nn.Module:
-    """A timm backbone returning the CLS token after the final norm (``num_classes=0``)."""
-    kwargs = {"pretrained": False, "num_classes": 0, **cfg.kwargs}
+def create_encoder(cfg: ModelConfig, **extra) -> nn.Module:
+    """A timm backbone returning the CLS token after the final norm (``num_classes=0``); ``extra``
+    are timm arguments an objective needs (SynCLR: ``dynamic_img_size`` for its small crops)."""
+    kwargs = {"pretrained": False, "num_classes": 0, **cfg.kwargs, **extra}
     if cfg.name.startswith(("vit_", "deit_")):
         kwargs.setdefault("global_pool", "token")
         kwargs.setdefault("img_size", cfg.image_size)
@@ -28,55 +32,89 @@ def create_encoder(cfg: ModelConfig) -> nn.Module:
         raise ConfigError(f"model.kwargs: {err}") from None
 
 
-class ProjectionHead(nn.Module):
-    """MLP with BN+ReLU between linear layers (paper: 768 -> 4096 -> 4096 -> 256)."""
+@dataclass
+class CropOutputs:
+    """What one network (student or teacher) makes of a multi-crop batch."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3):
-        super().__init__()
-        layers: list[nn.Module] = []
-        dim = in_dim
-        for _ in range(num_layers - 1):
-            layers += [nn.Linear(dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
-            dim = hidden_dim
-        layers.append(nn.Linear(dim, out_dim))
-        self.mlp = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor, chunks: int = 1) -> torch.Tensor:
-        """``chunks`` > 1 runs the MLP on that many equal consecutive slices of ``x`` separately, so
-        each BatchNorm batch holds one slice (one view of every caption: no two positives)."""
-        if chunks == 1:
-            return self.mlp(x)
-        return torch.cat([self.mlp(part) for part in x.chunk(chunks)])
+    global_z: torch.Tensor  # L2-normalised embeddings of the global crops
+    local_z: torch.Tensor | None  # of the local crops (student only)
+    patch_logits: torch.Tensor | None  # patch-head logits at the masked positions, (masked patches, K)
 
 
 class StableRepModel(nn.Module):
-    """Image encoder + projection head; with ``text_vocab_size`` also a text tower and logit scale."""
+    """Image encoder + projection head, and the optional parts (see the module docstring):
+    ``text_vocab_size`` > 0 adds a text tower and logit scale; ``predictor_hidden_dim`` > 0 a
+    predictor MLP after the head; ``patch_head`` (PatchHead's arguments) an iBOT head and a mask token.
+    """
 
-    def __init__(self, cfg: ModelConfig, text_vocab_size: int = 0):
+    def __init__(self, cfg: ModelConfig, text_vocab_size: int = 0, head_norm: Norm = "batch",
+                 predictor_hidden_dim: int = 0, patch_head: dict | None = None,
+                 encoder_kwargs: dict | None = None):
         super().__init__()
-        self.encoder = create_encoder(cfg)
-        self.head = ProjectionHead(
-            self.encoder.num_features, cfg.head_hidden_dim, cfg.embed_dim, cfg.head_layers
-        )
+        self.encoder = create_encoder(cfg, **(encoder_kwargs or {}))
+        width = self.encoder.num_features
+        self.head = ProjectionHead(width, cfg.head_hidden_dim, cfg.embed_dim, cfg.head_layers, head_norm)
         self.text = self.image_to_text = self.logit_scale = None
         if text_vocab_size:
             self.text = TextTower(cfg.text, text_vocab_size)
             # The image side of the image-text loss: a linear projection of the CLS feature.
-            self.image_to_text = nn.Linear(self.encoder.num_features, cfg.text.embed_dim, bias=False)
-            nn.init.normal_(self.image_to_text.weight, std=self.encoder.num_features**-0.5)
+            self.image_to_text = nn.Linear(width, cfg.text.embed_dim, bias=False)
+            nn.init.normal_(self.image_to_text.weight, std=width**-0.5)
             # CLIP's init ln(1/0.07); the objective keeps it in [0, ln 100] after every step.
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.predictor = self.patch_head = self.mask_token = None
+        if predictor_hidden_dim:
+            self.predictor = ProjectionHead(cfg.embed_dim, predictor_hidden_dim, cfg.embed_dim, 2, head_norm)
+        if patch_head:
+            self.patch_head = PatchHead(width, **patch_head)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen-evaluation feature: the encoder's CLS token."""
         return self.encoder(images)
 
-    def forward(self, images: torch.Tensor, head_chunks: int = 1, with_features: bool = False):
+    def forward(self, images: torch.Tensor, head_chunks: int = 1, with_features: bool = False, *,
+                local_crops: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """L2-normalised projections used by the contrastive losses (``head_chunks``: see the head);
-        with ``with_features`` also the CLS features they came from."""
+        with ``with_features`` also the CLS features they came from. Given ``local_crops`` or
+        ``mask``, the student's multi-crop pass instead (``crop_outputs``): DDP sees one forward."""
+        if local_crops is not None or mask is not None:
+            return self.crop_outputs(images, local_crops, mask, student=True)
         features = self.encoder(images)
         z = F.normalize(self.head(features, head_chunks), dim=-1)
         return (z, features) if with_features else z
+
+    def tokens(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The ViT's output tokens (prefix tokens first); patches where ``mask`` (B, patches) is
+        True enter as the learned mask token instead of their embedding."""
+        enc = self.encoder
+        x = enc.patch_embed(images)  # (B, N, D), or (B, H, W, D) with dynamic_img_size
+        if mask is not None:
+            x = torch.where(mask.view(*x.shape[:-1], 1), self.mask_token.to(x.dtype), x)
+        x = enc.norm_pre(enc.patch_drop(enc._pos_embed(x)))
+        return enc.norm(enc.blocks(x))
+
+    def crop_outputs(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None,
+                     mask: torch.Tensor | None = None, student: bool = True) -> CropOutputs:
+        """Embeddings of multi-crop inputs. The student sees its global crops masked and passes every
+        embedding through the predictor; the teacher sees them whole and gives its patch-head
+        logits at the positions the student had masked (its targets)."""
+        tokens = self.tokens(global_crops, mask if student else None)
+        prefix = self.encoder.num_prefix_tokens
+        global_z = self._embed(self.encoder.forward_head(tokens, pre_logits=True), student)
+        local_z = None
+        if local_crops is not None and len(local_crops):
+            local_z = self._embed(self.encoder(local_crops), student)
+        patch_logits = None
+        if self.patch_head is not None and mask is not None:
+            patch_logits = self.patch_head(tokens[:, prefix:][mask])
+        return CropOutputs(global_z, local_z, patch_logits)
+
+    def _embed(self, features: torch.Tensor, predict: bool) -> torch.Tensor:
+        z = self.head(features)
+        if predict and self.predictor is not None:
+            z = self.predictor(z)
+        return F.normalize(z, dim=-1)
 
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text(tokens, lengths), dim=-1)
@@ -86,6 +124,7 @@ class StableRepModel(nn.Module):
         return F.normalize(self.image_to_text(features), dim=-1)
 
 
-def build_model(config: Config, text_vocab_size: int = 0) -> StableRepModel:
-    """The model a run of ``config`` starts from (a text tower only when given a vocabulary)."""
-    return StableRepModel(config.model, text_vocab_size)
+def build_model(config: Config, **parts) -> StableRepModel:
+    """The model a run of ``config`` starts from; ``parts`` are the objective's ``model_kwargs``
+    (see ``StableRepModel``), saved in model.pt so a checkpoint rebuilds the same modules."""
+    return StableRepModel(config.model, **parts)

@@ -24,15 +24,18 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 RESUME_CHUNK = "stream/resume_chunk"
 
 
-def restore(step: TrainStep, checkpoint, rank: int) -> int:
-    """Load model, optimiser, schedule, objective and RNG state; returns the stream's resume chunk."""
+def restore(step: TrainStep, checkpoint, rank: int) -> tuple[int, int]:
+    """Load model, optimiser, schedule, objective and RNG state; returns the stream's resume chunk and
+    the rows before it that were already served (a resume serves them again)."""
     with checkpoint.as_directory() as ckpt_dir:
         model_file = torch.load(Path(ckpt_dir) / MODEL_FILE, map_location=step.device)
         state = torch.load(Path(ckpt_dir) / TRAINER_STATE_FILE, map_location=step.device, weights_only=False)
     step.model.load_state_dict(model_file["model"])
+    for name, module in step.objective.extra_weights().items():
+        module.load_state_dict(model_file["weights"][name])
     step.load_state_dict(state)
     torch.set_rng_state(state["rng"][rank % len(state["rng"])])
-    return state["resume_chunk"]
+    return state["resume_chunk"], state.get("rows_to_repeat", 0)
 
 
 def resume_point(stream: GroupStream, previous: int, distributed: bool) -> tuple[int, int]:
@@ -47,15 +50,19 @@ def resume_point(stream: GroupStream, previous: int, distributed: bool) -> tuple
     return chunk, repeated
 
 
-def report_checkpoint(step: TrainStep, resume_at: int, metrics: dict, rank: int) -> None:
-    """Report ``metrics`` with a checkpoint of the current step (rank 0 writes it)."""
+def report_checkpoint(step: TrainStep, resume_at: int, metrics: dict, rank: int, rows_to_repeat: int = 0) -> None:
+    """Report ``metrics`` with a checkpoint of the current step (rank 0 writes it). ``rows_to_repeat``:
+    rows a resume from this checkpoint serves again (``resume_point``)."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            save_model(step.model, step.config, tmp, **step.objective.model_kwargs())
-            state = {**step.state_dict(), "resume_chunk": resume_at, "rng": [torch.get_rng_state()]}
+            objective = step.objective
+            save_model(step.model, step.config, tmp, weights=objective.extra_weights(),
+                       eval_weights=objective.eval_weights, **objective.model_kwargs())
+            state = {**step.state_dict(), "resume_chunk": resume_at, "rows_to_repeat": rows_to_repeat,
+                     "rng": [torch.get_rng_state()]}
             torch.save(state, Path(tmp) / TRAINER_STATE_FILE)
             (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)

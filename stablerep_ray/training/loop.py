@@ -108,7 +108,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # Reading the loss syncs the GPU, so the report is built only on steps that evaluate or checkpoint.
         report = {}
         if evaluator and ((config.eval.every and (index + 1) % config.eval.every == 0) or last):
-            report.update(evaluator.evaluate(step.model, device))
+            for prefix, module in step.objective.eval_modules(step.model).items():  # eval/..., eval/student/...
+                for name, value in evaluator.evaluate(module, device).items():
+                    report[name.replace("eval", prefix, 1)] = value
             for name, value in report.items():
                 writer.add_scalar(name, value, index)
         if (index + 1) % t.checkpoint_every == 0 or last:

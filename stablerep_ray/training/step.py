@@ -1,7 +1,7 @@
 """The one training step, shared by the train loop, the planner's rate measurement and the GPU benchmark.
 
 ``TrainStep.build`` makes everything a step needs from a config (objective, model, optimiser, schedule,
-augmentation); calling it with a stream ``Batch`` runs: images to the device -> the objective's views
+the objective's augmentation); calling it with a stream ``Batch`` runs: images to the device -> the objective's views
 -> forward and loss under autocast -> backward -> gradient clipping -> optimiser and schedule step ->
 the objective's after-step hook. Whatever measures a step measures exactly what training runs.
 """
@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..augment import BatchAugment
 from ..config import Config
 from ..models import build_model
 from ..precision import autocast_dtype
@@ -55,6 +54,7 @@ class TrainStep:
         model = build_model(config, **objective.model_kwargs()).to(device)
         if distributed and device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        objective.setup(model)
         optimizer = build_optimizer(model, config)
         return cls(
             config=config,
@@ -63,7 +63,7 @@ class TrainStep:
             model=model,
             optimizer=optimizer,
             scheduler=build_scheduler(optimizer, config),
-            augment=BatchAugment(config.augment, config.model.image_size),
+            augment=objective.build_augment(),
             generator=torch.Generator(device).manual_seed(seed),
             amp_dtype=autocast_dtype(config.train.precision, device),
         )

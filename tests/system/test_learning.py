@@ -126,7 +126,7 @@ def test_stablerep_plus_trains_end_to_end(tmp_path, backend):
     with result.checkpoint.as_directory() as ckpt:
         trained, saved = load_model(ckpt)
     assert saved.train.objective == "stablerep_plus" and trained.text is not None
-    initial = build_model(config, trained.text.token_embedding.num_embeddings)
+    initial = build_model(config, text_vocab_size=trained.text.token_embedding.num_embeddings)
     moved = [n for n, p in trained.text.named_parameters()
              if not torch.equal(p, dict(initial.text.named_parameters())[n])]
     assert moved, "the text tower was not trained"

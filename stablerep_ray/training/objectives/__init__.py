@@ -7,8 +7,9 @@ from .base import Objective
 from .simclr import SimCLR
 from .stablerep import StableRep
 from .stablerep_plus import StableRepPlus
+from .synclr import SynCLR
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (StableRep, SimCLR, StableRepPlus)}
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (StableRep, SimCLR, StableRepPlus, SynCLR)}
 
 
 def get_objective(name: str) -> type[Objective]:

@@ -20,14 +20,17 @@ if TYPE_CHECKING:
     from ...config import Config
     from ...stream import Batch
 
-Forward = Callable[["torch.Tensor"], "torch.Tensor"]
-Augment = Callable[["torch.Tensor", "torch.Generator"], "torch.Tensor"]
+Forward = Callable[..., Any]
+Augment = Callable[["torch.Tensor", "torch.Generator"], Any]
 
 
 class Objective:
     """A training method. Subclasses set the class attributes and override ``loss``."""
 
     name: ClassVar[str]
+    #: The weight set evaluation and export use by default: "model" (the trained network) or a name
+    #: in ``extra_weights`` (SynCLR: its EMA teacher).
+    eval_weights: ClassVar[str] = "model"
     #: True: a caption's m images are positives of each other (StableRep); False: one image per
     #: caption, whose augmented views are its only positives (SimCLR).
     caption_positives: ClassVar[bool] = True
@@ -70,9 +73,27 @@ class Objective:
         """Arguments of ``build_model`` beyond the config; saved with the model so it can be rebuilt."""
         return {}
 
+    def setup(self, model: torch.nn.Module) -> None:
+        """Called once the model is built, before a checkpoint is restored (SynCLR copies its teacher)."""
+
+    def build_augment(self) -> Augment:
+        """The on-device augmentation ``views`` applies to the batch's images."""
+        from ...augment import BatchAugment
+
+        return BatchAugment(self.config.augment, self.config.model.image_size)
+
+    def extra_weights(self) -> dict[str, torch.nn.Module]:
+        """Weight sets of the model's architecture kept beside it in model.pt (restored with it)."""
+        return {}
+
+    def eval_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """What online evaluation probes: metric prefix -> module with ``.features``."""
+        return {"eval": model}
+
     def views(self, images: torch.Tensor, caption_ids: torch.Tensor, augment: Augment,
-              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder inputs and their labels from a batch's uint8 images (N, S, S, 3) on the device.
+              generator: torch.Generator) -> tuple[Any, torch.Tensor]:
+        """Encoder inputs and their labels from a batch's uint8 images (N, S, S, 3) on the device
+        (the inputs are a tensor here; ``loss`` is the only reader, so an objective may use any type).
 
         The batch is caption-major (each caption's images together); the inputs come out view-major:
         ``head_chunks`` consecutive slices, each holding one image (or view) of every caption, so the
@@ -80,18 +101,24 @@ class Objective:
         """
         import torch
 
-        drawn = self.images_drawn_per_group(self.config)
-        order = torch.arange(len(caption_ids), device=caption_ids.device).view(-1, drawn).T.reshape(-1)
-        images, caption_ids = images[order], caption_ids[order]
+        images, caption_ids = self.image_major(images, caption_ids)
         views = [augment(images, generator) for _ in range(self.views_per_image)]
         return torch.cat(views), caption_ids.repeat(self.views_per_image)
+
+    def image_major(self, images: torch.Tensor, caption_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reorder a caption-major batch so that slice j holds image j of every caption."""
+        import torch
+
+        drawn = self.images_drawn_per_group(self.config)
+        order = torch.arange(len(caption_ids), device=caption_ids.device).view(-1, drawn).T.reshape(-1)
+        return images[order], caption_ids[order]
 
     @property
     def head_chunks(self) -> int:
         """Slices of the inputs that the projection head normalises separately (see ``views``)."""
         return self.inputs_per_group(self.config)
 
-    def loss(self, forward: Forward, model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+    def loss(self, forward: Forward, model: torch.nn.Module, inputs: Any, labels: torch.Tensor,
              batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss to minimise and the detached terms to log (``loss/...``).
 
