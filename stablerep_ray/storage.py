@@ -39,21 +39,30 @@ def storage_path(config: Config) -> str:
     return config.cluster.storage_path or str(Path(config.output_dir).expanduser().resolve())
 
 
-def latest_train_result(config: Config) -> dict[str, Any]:
-    """Metrics reported with the run's latest committed checkpoint ({} for a run with none).
+def latest_checkpoint(config: Config) -> tuple[str, dict[str, Any]] | None:
+    """(path, reported metrics) of the run's latest committed checkpoint; None for a run with none.
 
     Read from Train's own checkpoint-manager snapshot, so it always matches the checkpoint that
     ``ray.train.get_checkpoint()`` hands restarted workers.
     """
     import pyarrow.fs as pafs
 
-    fs, root = open_filesystem(storage_path(config), "cluster.storage_path")
+    location = storage_path(config)
+    fs, root = open_filesystem(location, "cluster.storage_path")
     snapshot = f"{root.rstrip('/')}/{config.name}/{TRAIN_SNAPSHOT}"
     if fs.get_file_info(snapshot).type != pafs.FileType.File:
-        return {}
+        return None
     with fs.open_input_stream(snapshot) as f:
-        state = json.loads(f.read())
-    return (state.get("latest_checkpoint_result") or {}).get("metrics", {})
+        latest = json.loads(f.read()).get("latest_checkpoint_result")
+    if not latest:
+        return None
+    return f"{location.rstrip('/')}/{config.name}/{latest['checkpoint_dir_name']}", latest.get("metrics", {})
+
+
+def latest_train_result(config: Config) -> dict[str, Any]:
+    """Metrics reported with the run's latest committed checkpoint ({} for a run with none)."""
+    latest = latest_checkpoint(config)
+    return latest[1] if latest else {}
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
