@@ -40,7 +40,9 @@ def one_run(config: str, overrides: list[str], max_steps: int, index: int) -> di
     name = f"startup-{index}"
     uv = shutil.which("uv")
     cli = [uv, "run", "stablerep-ray"] if uv else [str(Path(sys.executable).with_name("stablerep-ray"))]
-    cmd = [*cli, "train", config, "--max-steps", str(max_steps), "--output-dir", str(out), "--set", f"name={name}"]
+    # --verbose: the milestones are Ray's own INFO lines, which the console leaves out by default
+    cmd = [*cli, "train", config, "--max-steps", str(max_steps), "--output-dir", str(out), "--set", f"name={name}",
+           "--verbose"]
     for item in overrides:
         cmd += ["--set", item]
     env = dict(os.environ)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 from dataclasses import dataclass
 
-from .config import Config, ConfigError
+from .config import SYNTH_SOURCE, Config, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -20,19 +22,29 @@ class Need:
 
     @classmethod
     def of(cls, config: Config) -> Need:
-        t, g = config.train, config.generator
+        t, g, s = config.train, config.generator, _llm_pool(config)
         cpus = t.num_workers * t.num_cpus_per_worker + g.num_actors * g.num_cpus_per_actor + 1
         gpus = t.num_workers * (1 if t.use_gpu else 0) + g.num_actors * g.num_gpus_per_actor
+        if s:
+            cpus, gpus = cpus + s.num_actors * s.num_cpus_per_actor, gpus + s.num_actors * s.num_gpus_per_actor
         return cls(cpus, gpus)
 
     def describe(self, config: Config) -> str:
-        t, g = config.train, config.generator
+        t, g, s = config.train, config.generator, _llm_pool(config)
+        llm = (f" + {s.num_actors} language-model actors x ({s.num_cpus_per_actor:g} CPU, "
+               f"{s.num_gpus_per_actor:g} GPU)") if s else ""
         return (
             f"{t.num_workers} train workers x ({t.num_cpus_per_worker:g} CPU"
             f"{', 1 GPU' if t.use_gpu else ''}) + {g.num_actors} generator actors x "
-            f"({g.num_cpus_per_actor:g} CPU, {g.num_gpus_per_actor:g} GPU) + 1 CPU caption reader "
+            f"({g.num_cpus_per_actor:g} CPU, {g.num_gpus_per_actor:g} GPU){llm} + 1 CPU caption reader "
             f"= {self.cpus:g} CPUs, {self.gpus:g} GPUs"
         )
+
+
+def _llm_pool(config: Config):
+    """The caption-synthesis settings when a language-model actor pool runs beside the generators, else None."""
+    synth = config.captions.synth
+    return synth if config.captions.source == SYNTH_SOURCE and synth.uses_model else None
 
 
 def ray_address(config: Config) -> str:
@@ -79,30 +91,83 @@ def init_ray(config: Config) -> None:
     if not ray.is_initialized():
         address = ray_address(config)
         if address:
-            ray.init(address=address)
+            start_ray(address)
         else:
             check_local_fit(config)
             cpus, gpus = local_resources(config)
-            ray.init(num_cpus=int(cpus), num_gpus=int(gpus), include_dashboard=False,
-                     runtime_env={"worker_process_setup_hook": "stablerep_ray.runtime.quiet_without_dashboard"})
+            start_ray(num_cpus=int(cpus), num_gpus=int(gpus))
     check_fits(config, *cluster_capacity())
     configure_data_context()
 
 
+def start_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Join ``address``, else start a local Ray without its dashboard (faster start, less memory).
+
+    Ray's console is kept to what concerns the run: its INFO lines ("Started a local Ray instance",
+    ...) only with ``--verbose``, and the known noise of ``quiet_ray_logs`` dropped here and, on a
+    local Ray, in every worker.
+    """
+    import ray
+
+    from .console import verbose
+
+    quiet_ray_logs()
+    level = logging.INFO if verbose() else logging.WARNING
+    if address:
+        ray.init(address=address, logging_level=level)
+        return
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level=level,
+             runtime_env={"worker_process_setup_hook": "stablerep_ray.runtime.quiet_ray_logs"})
+
+
+AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+AUTOSCALING_CLIENT_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+PG_CLEANER_THREAD = "PlacementGroupCleanerMonitor"
+DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 
 
-def quiet_without_dashboard() -> None:
-    """Worker setup hook of the local Ray, which runs without its dashboard (faster start, less memory).
+@functools.cache  # once per process
+def quiet_ray_logs() -> None:
+    """Drops Ray log lines that say nothing about the run (the driver's, and a local Ray's workers':
+    their setup hook).
 
     Ray Train's placement-group cleaner asks the state API, which the dashboard serves, every second
     whether the Train controller is alive, and logs a warning on each failed query (one line a second
-    of training). It only matters when a controller dies on a long-lived cluster; a local Ray removes
-    its placement groups when the driver exits.
+    of training): the local Ray runs without its dashboard (faster start, less memory). When several
+    Ray instances share the host, its monitor thread dies instead, with a traceback, on the first
+    query. It only matters when a controller dies on a long-lived cluster; a local Ray removes its
+    placement groups when the driver exits. Ray Data warns that progress bars are off, which
+    ``configure_data_context`` chose on purpose. On a busy machine, Train's controller warns every 20 s
+    that a resource request to Ray's autoscaling coordinator timed out (harmless, it says, when
+    transient): the warning stays, its 17-line traceback of the timeout goes. A new local Ray turns
+    token authentication on by default, the safe default, and warns that it did.
     """
+    logging.getLogger(AUTH_SETUP_LOGGER).addFilter(
+        lambda record: not record.getMessage().startswith("Token authentication is enabled")
+    )
     logging.getLogger(PG_CLEANER_LOGGER).addFilter(
         lambda record: "Failed to query Ray Train Controller actor state" not in record.getMessage()
     )
+    logging.getLogger(DATA_PROGRESS_LOGGER).addFilter(
+        lambda record: not record.getMessage().startswith("Progress bars")
+    )
+    logging.getLogger(AUTOSCALING_CLIENT_LOGGER).addFilter(_without_timeout_traceback)
+    report = threading.excepthook
+
+    def excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.thread is None or args.thread.name != PG_CLEANER_THREAD:
+            report(args)
+
+    threading.excepthook = excepthook
+
+
+def _without_timeout_traceback(record: logging.LogRecord) -> bool:
+    import ray.exceptions
+
+    if record.exc_info and isinstance(record.exc_info[1], ray.exceptions.GetTimeoutError):
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def cluster_capacity() -> tuple[float, float, str]:
@@ -126,9 +191,18 @@ def cluster_capacity() -> tuple[float, float, str]:
 
 
 def configure_data_context() -> None:
+    """Ray Data options of this process, which Train hands on to the stream's executor.
+
+    Progress bars: one compact bar in a terminal; none where output is a file, ``ray job logs`` or
+    CI, where every redraw of every operator's bar is a new line (98 % of a quickstart's output).
+    """
     import ray.data
 
+    from .console import interactive, verbose
+
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = interactive() or verbose()
+    ctx.enable_operator_progress_bars = verbose()
+    ctx.print_on_execution_start = verbose()
     # Fail fast (instead of hanging) when generator actors cannot be placed.
     ctx.wait_for_min_actors_s = 600

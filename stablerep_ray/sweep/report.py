@@ -1,4 +1,5 @@
-"""What a finished sweep leaves behind: results and summary tables, the plot, the best config.
+"""What a sweep tells its user: one console line per trial event while it runs, then results and
+summary tables, the plot and the best config.
 
 Trials are compared by their final metric, averaged over seeds (the spread over seeds shows
 whether a difference between points is real). Points whose trials ASHA stopped early rank behind
@@ -9,16 +10,54 @@ from __future__ import annotations
 
 import csv
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
+from ray import tune as ray_tune
 
 from ..config import from_dict
 from ..config.io import set_dotted_key
+from ..console import duration, metric_label
 from .plan import GUIDANCE_KEY, M_KEY, SEED, SweepPlan
+from .trial import trial_dirname
+
+
+class TrialEvents(ray_tune.Callback):
+    """Tune callback on the sweep driver: one line per trial start, report, end or failure, in place of
+    Tune's periodic status tables."""
+
+    def __init__(self, plan: SweepPlan):
+        self.metric, self.steps = plan.config.tune.metric, plan.steps
+        self.started = time.monotonic()
+
+    def setup(self, **info) -> None:  # also on --resume, in the new driver
+        self.started = time.monotonic()
+
+    def _say(self, trial, text: str) -> None:
+        print(f"[{duration(time.monotonic() - self.started)}] trial {trial_dirname(trial.trial_id, trial.config)}: "
+              f"{text}", flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._say(trial, "started")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        parts = [f"step {result.get('step')}/{self.steps}"]
+        if isinstance(result.get(self.metric), (int, float)):
+            parts.append(f"{metric_label(self.metric)} {result[self.metric]:.3f}")
+        if isinstance(result.get("loss"), (int, float)):
+            parts.append(f"loss {result['loss']:.3f}")
+        self._say(trial, "  ".join(parts))
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        step = int(trial.last_result.get("step", 0) or 0)
+        self._say(trial, "done" if step >= self.steps else f"stopped by the scheduler at step {step}")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._say(trial, f"failed ({trial.error_file or 'see the log above'})")
 
 
 def _point_key(row: dict, keys: list[str]) -> tuple:
@@ -199,10 +238,14 @@ def print_outputs(outputs: SweepOutputs, plan: SweepPlan) -> None:
     for row in outputs.rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     print(f"trials: {', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}")
+    keys = list(plan.config.tune.space)
+    table = [[k.rsplit(".", 1)[-1] for k in keys] + [f"{metric} (mean +- std)", "seeds", "full budget"]]
     for s in outputs.summary:
-        point = ", ".join(f"{k}={s[k]}" for k in plan.config.tune.space)
         value = "n/a" if s["mean"] is None else f"{s['mean']:.4f} +- {s['std']:.4f}"
-        print(f"  {point}: {metric} {value} ({s['seeds']} seeds)")
+        table.append([str(s[k]) for k in keys] + [value, str(s["seeds"]), f"{s['completed']}/{s['trials']}"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     print(f"results table: {outputs.results_csv}")
     print(f"summary (mean/std over seeds): {outputs.summary_csv}")
     if outputs.plot:

@@ -17,7 +17,7 @@ import yaml
 from ..config import Config, ConfigError
 from .plan import concurrency, experiment_path, plan_sweep, sweep_dir, sweep_name
 from .ray_reservations import ReleaseStaleReservations
-from .report import SweepOutputs, print_outputs, write_outputs
+from .report import SweepOutputs, TrialEvents, print_outputs, write_outputs
 from .trial import trial_trainable, tune_trial_dirname
 
 
@@ -101,6 +101,7 @@ def run_sweep(config: Config, resume: bool = False, captions_per_pass: int = 0) 
     from ray import tune
 
     from ..config import dump_config
+    from ..console import verbose
     from ..runtime import cluster_capacity, init_ray
 
     init_ray(config)
@@ -117,6 +118,8 @@ def run_sweep(config: Config, resume: bool = False, captions_per_pass: int = 0) 
         dump_config(config, plan.sweep_dir / "sweep-config.yaml")
 
     trainable = trial_trainable(plan, captions_per_pass)
+    if not verbose():  # Tune's newer console prints its banner even at verbose=0; TrialEvents says what matters
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if resume:
         path = experiment_path(config)
         statuses = trial_statuses(path) if "://" not in path else {}
@@ -148,8 +151,8 @@ def run_sweep(config: Config, resume: bool = False, captions_per_pass: int = 0) 
                 name=plan.name,
                 storage_path=plan.storage_path,
                 failure_config=tune.FailureConfig(max_failures=tc.max_failures),
-                callbacks=[ReleaseStaleReservations(plan.name)],
-                verbose=1,
+                callbacks=[ReleaseStaleReservations(plan.name), TrialEvents(plan)],
+                verbose=1 if verbose() else 0,  # TrialEvents prints one line per trial event instead
             ),
         )
     results = tuner.fit()

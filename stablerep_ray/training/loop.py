@@ -15,16 +15,27 @@ from pathlib import Path
 import torch
 
 from ..config import from_dict
+from ..console import quiet_train_worker, send_progress
 from ..stream import GroupStream
 from .checkpoint import RESUME_CHUNK, report_checkpoint, restore, resume_point
 from .step import TrainStep
-from .telemetry import mirror_tensorboard, positives_per_anchor, sample_grid, tensorboard_mirror
+from .telemetry import interval_scalars, mirror_tensorboard, sample_grid, tensorboard_mirror, write_hparams
+
+
+def online_eval(evaluator, step: TrainStep, device) -> dict[str, float]:
+    """Online kNN of each module the objective evaluates (``eval/...``, ``eval/student/...``)."""
+    scores = {}
+    for prefix, module in step.objective.eval_modules(step.model).items():
+        for name, value in evaluator.evaluate(module, device).items():
+            scores[name.replace("eval", prefix, 1)] = value
+    return scores
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    quiet_train_worker()
     config = from_dict(loop_config["config"])
     t = config.train
     context = ray.train.get_context()
@@ -36,10 +47,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(t.seed + rank)
 
     step = TrainStep.build(config, device, distributed=distributed)
-    resume_at = 0
+    resume_at = repeated = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        resume_at = restore(step, checkpoint, rank)
+        resume_at, repeated = restore(step, checkpoint, rank)
     start_step = step.step
     step.generator.manual_seed(t.seed * 1000 + rank + 7919 * start_step)
     if distributed:
@@ -57,15 +68,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
 
     writer = evaluator = mirror = None
+    progress = loop_config.get("progress") if rank == 0 else None  # the driver's console (console.py)
+    latest_eval: dict[str, float] = {}
     if rank == 0:
         mirror = tensorboard_mirror(config)
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(loop_config["tensorboard_dir"], purge_step=start_step or None)
+        # After a restart, events past the checkpoint's step came from the lost attempt: TensorBoard drops them.
+        writer = SummaryWriter(loop_config["tensorboard_dir"], purge_step=start_step + 1 if start_step else None)
+        if start_step:
+            writer.add_scalar("stream/rows_repeated_on_resume", repeated, start_step)
         if config.eval.data:
             from ..evaluation import OnlineKNN
 
             evaluator = OnlineKNN(config)
+            if start_step == 0:  # the initial model: the baseline every later point is read against
+                latest_eval = online_eval(evaluator, step, device)
+                for name, value in latest_eval.items():
+                    writer.add_scalar(name, value, 0)
 
     consumed_log = None
     if config.stream.log_consumed:
@@ -73,9 +93,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         log_file = log_dir / f"rank{rank}-from{start_step:08d}-{os.getpid()}.jsonl"
         consumed_log = open(log_file, "a")  # noqa: SIM115 - written every step, closed after the loop
-    interval_start, interval_wait, interval_steps = time.perf_counter(), 0.0, 0
+    train_start = interval_start = time.perf_counter()
+    interval_wait, interval_steps = 0.0, 0
     end_step = min(t.steps, loop_config.get("max_steps") or t.steps)
     for index in range(start_step, end_step):
+        done = index + 1  # the step number TensorBoard and the console show: steps done
         wait_before = stream.wait_seconds
         batch = stream.next_batch()
         if consumed_log:
@@ -86,39 +108,39 @@ def train_loop_per_worker(loop_config: dict) -> None:
         interval_steps += 1
         interval_wait += stream.wait_seconds - wait_before
 
-        if rank == 0 and (index == start_step or (t.image_grid_every and index % t.image_grid_every == 0)):
-            writer.add_image("samples/caption_groups", sample_grid(batch.images, config.images_drawn_per_group), index)
-            writer.add_text("samples/captions", "\n\n".join(batch.captions[:4]), index)
+        if rank == 0 and (index == start_step or (t.image_grid_every and done % t.image_grid_every == 0)):
+            writer.add_image("samples/caption_groups", sample_grid(batch.images, config.images_drawn_per_group), done)
+            writer.add_text("samples/captions", "\n\n".join(batch.captions[:4]), done)
 
-        last = index + 1 == end_step
-        if (index + 1) % t.log_every == 0 or last:
+        last = done == end_step
+        logged = done % t.log_every == 0 or last
+        if logged:  # every rank: the loss terms are averaged over ranks
             elapsed = time.perf_counter() - interval_start
+            scalars = interval_scalars(step, result, stream, interval_wait, elapsed, interval_steps, world, distributed)
             if rank == 0:
-                writer.add_scalar("loss/total", result.loss.item(), index)
-                for name, value in result.metrics.items():
-                    writer.add_scalar(name, float(value), index)
-                writer.add_scalar("lr", step.scheduler.get_last_lr()[0], index)
-                writer.add_scalar("throughput/images_per_s", interval_steps * t.batch_size / elapsed, index)
-                writer.add_scalar("throughput/data_wait_fraction", interval_wait / elapsed, index)
-                writer.add_scalar("stream/positives_per_anchor", positives_per_anchor(result.labels), index)
-                for name, value in stream.stats(world).items():
-                    writer.add_scalar(name, value, index)
+                for name, value in scalars.items():
+                    writer.add_scalar(name, value, done)
             interval_start, interval_wait, interval_steps = time.perf_counter(), 0.0, 0
 
         # Reading the loss syncs the GPU, so the report is built only on steps that evaluate or checkpoint.
         report = {}
-        if evaluator and ((config.eval.every and (index + 1) % config.eval.every == 0) or last):
-            for prefix, module in step.objective.eval_modules(step.model).items():  # eval/..., eval/student/...
-                for name, value in evaluator.evaluate(module, device).items():
-                    report[name.replace("eval", prefix, 1)] = value
+        if evaluator and ((config.eval.every and done % config.eval.every == 0) or last):
+            latest_eval = online_eval(evaluator, step, device)
+            report.update(latest_eval)
             for name, value in report.items():
-                writer.add_scalar(name, value, index)
-        if (index + 1) % t.checkpoint_every == 0 or last:
-            report.update({"step": index + 1, "loss": result.loss.item()})
-            resume_at, repeat = resume_point(stream, resume_at, distributed)
+                writer.add_scalar(name, value, done)
+        if writer and last:  # before the last checkpoint, so its TensorBoard mirror has them too
+            write_hparams(writer, config, ["loss/total", *latest_eval])
+        if progress is not None and logged:  # (a Queue's truth is its length)
+            progress = send_progress(progress, {"step": done, "steps": end_step, "start": start_step,
+                                                "train_s": time.perf_counter() - train_start,
+                                                "scalars": scalars, "eval": latest_eval})
+        if done % t.checkpoint_every == 0 or last:
+            report.update({"step": done, "loss": result.loss.item()})
+            resume_at, rows_to_repeat = resume_point(stream, resume_at, distributed)
             report[RESUME_CHUNK] = resume_at
-            report["stream/rows_repeated_on_resume"] = repeat
-            report_checkpoint(step, resume_at, report, rank)
+            report["stream/rows_repeated_on_resume"] = repeated  # served again because this run resumed; else 0
+            report_checkpoint(step, resume_at, report, rank, rows_to_repeat)
             if writer and mirror:
                 writer.flush()
                 mirror_tensorboard(loop_config["tensorboard_dir"], mirror)

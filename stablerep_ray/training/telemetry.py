@@ -1,4 +1,7 @@
-"""What rank 0 writes to TensorBoard during training, and the copy of it kept beside the checkpoints."""
+"""What rank 0 writes to TensorBoard during training, and the copy of it kept beside the checkpoints.
+
+Scalars are logged at the number of steps done: step 0 is the initial model, step N the model after N steps.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,61 @@ import torch
 
 from ..config import Config
 from ..storage import open_filesystem, storage_path
+
+# The config values TensorBoard's HParams tab lists for a run (what sweeps and ablations vary).
+HPARAM_KEYS = (
+    "train.objective", "model.name", "model.image_size", "generator.backend", "generator.guidance_scale",
+    "generator.images_per_caption", "stream.images_per_group", "stream.reuse", "train.batch_size",
+    "train.steps", "train.base_lr", "train.weight_decay", "train.temperature", "train.warmup_steps",
+    "train.num_workers", "train.seed",
+)
+
+
+def rank_mean(values: dict[str, torch.Tensor | float], device: torch.device, distributed: bool) -> dict[str, float]:
+    """Each value averaged over all ranks, in one all_reduce: every rank must call it at the same steps."""
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).detach().reshape(())
+                           for v in values.values()])
+    if distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(values, stacked.tolist(), strict=True))
+
+
+def interval_scalars(step, result, stream, wait_s: float, elapsed_s: float, steps: int, world: int,
+                     distributed: bool) -> dict[str, float]:
+    """Every scalar of one log interval. The loss and its terms, the data wait and the groups admitted
+    are means over ranks (each rank's loss is its own batch's estimate); timing and the stream's buffer
+    statistics are this rank's."""
+    scalars = {
+        "lr": step.scheduler.get_last_lr()[0],
+        "throughput/images_per_s": steps * step.config.train.batch_size / elapsed_s,
+        "stream/positives_per_anchor": positives_per_anchor(result.labels),
+        **stream.stats(world),
+    }
+    means = rank_mean({"loss/total": result.loss, **result.metrics, "throughput/data_wait_fraction": wait_s / elapsed_s,
+                       "stream/groups_admitted": stream.admitted}, step.device, distributed)
+    means["stream/groups_admitted"] *= world  # mean x world: the exact total over ranks
+    return {**scalars, **means}
+
+
+def write_hparams(writer, config: Config, metrics: list[str]) -> None:
+    """The run's key config values for TensorBoard's HParams tab, scored by the run's own ``metrics``
+    scalars (their last values). Written into the run's own event file: ``SummaryWriter.add_hparams``
+    would put them in a timestamped sub-run, away from the scalars they refer to."""
+    from torch.utils.tensorboard.summary import hparams
+
+    data = config.model_dump(mode="json")
+    values = {}
+    for key in HPARAM_KEYS:
+        value = data
+        for part in key.split("."):
+            value = value[part]
+        values[key] = value
+    values["train.peak_lr"] = config.peak_lr
+    for summary in hparams(values, dict.fromkeys(metrics, 0.0)):  # (only the metrics' names are written)
+        writer.file_writer.add_summary(summary)
 
 
 def positives_per_anchor(labels: torch.Tensor) -> float:

@@ -3,21 +3,27 @@ generation stream."""
 
 from __future__ import annotations
 
-from ..config import Config, dump_config
+from ..config import Config
 from ..storage import storage_path
 from .checkpoint import read_resume_chunk
 from .loop import train_loop_per_worker
+from .resume import save_run_config
+
+DATA_CONSOLE_OPTIONS = ("enable_progress_bars", "enable_operator_progress_bars", "print_on_execution_start")
 
 
 def make_trainer(config: Config, max_steps: int | None = None, callbacks: list | None = None,
-                 captions_per_pass: int = 0):
+                 captions_per_pass: int = 0, progress=None):
     """A TorchTrainer whose dataset is rebuilt from the last checkpoint's stream position on every
-    (re)start of the worker group, so a restart neither skips nor regenerates the whole stream."""
+    (re)start of the worker group, so a restart neither skips nor regenerates the whole stream.
+    ``progress``: a ``ray.util.queue.Queue`` that rank 0 sends its log-interval records to
+    (``console.TrainConsole``)."""
     import ray.data
     from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ..console import verbose
     from ..generation import build_image_stream
 
     t = config.train
@@ -36,6 +42,17 @@ def make_trainer(config: Config, max_steps: int | None = None, callbacks: list |
         preserve_order=current.preserve_order,
         verbose_progress=current.verbose_progress,
     )
+    # Train builds the dataset in its controller, whose own DataContext never saw the driver's console
+    # choices (runtime.configure_data_context): the stream carries them itself.
+    driver = ray.data.DataContext.get_current()
+    console = {key: getattr(driver, key) for key in DATA_CONSOLE_OPTIONS}
+
+    def train_stream():
+        stream = build_image_stream(config, read_resume_chunk(config), captions_per_pass)
+        for key, value in console.items():
+            setattr(stream.context, key, value)
+        return stream
+
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -43,6 +60,7 @@ def make_trainer(config: Config, max_steps: int | None = None, callbacks: list |
             "tensorboard_dir": str(tensorboard_dir),
             "run_dir": str(config.run_dir),
             "max_steps": max_steps,
+            "progress": progress,
         },
         scaling_config=scaling,
         run_config=RunConfig(
@@ -51,16 +69,18 @@ def make_trainer(config: Config, max_steps: int | None = None, callbacks: list |
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks,
+            # Train's INFO lines (worker-group start, every report's raw metrics) only with --verbose.
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
-        datasets={
-            "train": lambda: build_image_stream(config, read_resume_chunk(config), captions_per_pass)
-        },
+        datasets={"train": train_stream},
         dataset_config=DataConfig(execution_options=ingest),
     )
 
 
-def fit(config: Config, max_steps: int | None = None, captions_per_pass: int = 0):
-    """Train (or resume) the run ``config.name``; returns Train's Result. Ray must be initialised."""
-    config.run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, config.run_dir / "config.yaml")
-    return make_trainer(config, max_steps, captions_per_pass=captions_per_pass).fit()
+def fit(config: Config, max_steps: int | None = None, captions_per_pass: int = 0, progress=None):
+    """Train (or resume) the run ``config.name``; returns Train's Result. Ray must be initialised.
+    ``stablerep-ray train`` has checked the resume (``resume.check_resume``) before Ray started."""
+    kept = save_run_config(config)
+    if kept:
+        print(f"config: {config.run_dir / 'config.yaml'} (the previous one is kept as {kept.name})")
+    return make_trainer(config, max_steps, captions_per_pass=captions_per_pass, progress=progress).fit()

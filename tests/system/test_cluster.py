@@ -311,5 +311,5 @@ def test_ray_job_submit_train(ray_head, tmp_path):
     assert list((out / "quickstart" / "tensorboard").glob("events.out.tfevents.*"))  # rank 0's node
     mirrored = EventAccumulator(str(run_dir / "tensorboard"))  # next to the checkpoints
     mirrored.Reload()
-    assert [e.step for e in mirrored.Scalars("loss/total")] == [0, 1, 2, 3]
-    assert f"checkpoints: {checkpoints[-1]}" in logs
+    assert [e.step for e in mirrored.Scalars("loss/total")] == [1, 2, 3, 4]  # step N: after N steps
+    assert f"checkpoint: {checkpoints[-1]}" in logs

@@ -169,12 +169,16 @@ def test_resume_continues_at_the_saved_step_with_the_optimizer_state(tmp_path):
     assert final["scheduler"]["last_epoch"] == 6
     adam_steps = {float(s["step"]) for s in final["optimizer"]["state"].values()}
     assert adam_steps == {6.0}, "AdamW moments continued from the checkpoint, not from scratch"
+    # rows served again because of the resume: what the step-4 checkpoint said a resume would repeat;
+    # the first run never resumed, so it repeated nothing
+    assert first.metrics["stream/rows_repeated_on_resume"] == 0
+    assert second.metrics["stream/rows_repeated_on_resume"] == saved["rows_to_repeat"] > 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(config.run_dir / "tensorboard"))
     events.Reload()
     steps = [e.step for e in events.Scalars("loss/total")]
-    assert steps == sorted(set(steps)) and steps[-1] == 5
+    assert steps == sorted(set(steps)) and steps[-1] == 6  # step N: the model after N steps
     assert events.Images("samples/caption_groups")
 
 

@@ -1,0 +1,186 @@
+"""What the commands print: one progress line per log interval, a summary at the end, and Ray kept quiet.
+
+Rank 0 of the training loop sends one record per log interval to a small queue actor; the driver
+prints it as a line. The driver owns the console, so the lines carry no ``(RayTrainWorker pid=...)``
+prefix and read the same locally, in ``ray job logs`` and in CI. ``--verbose`` (or
+``STABLEREP_RAY_VERBOSE=1``) gives back Ray's own INFO logs and per-operator progress bars.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+VERBOSE_ENV = "STABLEREP_RAY_VERBOSE"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def interactive() -> bool:
+    """Whether stdout is a terminal: progress bars redraw in place there, and as new lines anywhere else."""
+    return sys.stdout.isatty()
+
+
+def duration(seconds: float) -> str:
+    """``1h02m``, ``1m40s``, ``12s``."""
+    seconds = max(0, round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def metric_label(name: str) -> str:
+    """``eval/knn_top1`` -> ``knn``, ``eval/student/knn_top1`` -> ``student/knn``: what a console line shows."""
+    return name.removeprefix("eval/").removesuffix("_top1")
+
+
+def progress_line(record: dict[str, Any]) -> str:
+    """``step 50/200  loss 4.121  312 img/s  wait 3%  knn 0.612  eta 1m40s``."""
+    step, steps, scalars = record["step"], record["steps"], record["scalars"]
+    parts = [
+        f"step {step}/{steps}",
+        f"loss {scalars['loss/total']:.3f}",
+        f"{scalars['throughput/images_per_s']:.0f} img/s",
+        f"wait {scalars['throughput/data_wait_fraction']:.0%}",
+    ]
+    parts += [f"{metric_label(name)} {value:.3f}" for name, value in record["eval"].items()]
+    done = step - record["start"]
+    if step < steps and done > 0:
+        parts.append(f"eta {duration(record['train_s'] / done * (steps - step))}")
+    return "  ".join(parts)
+
+
+def quiet_train_worker() -> None:
+    """Drop the INFO line Ray Train's workers log for every report (its raw metrics dict). Its logger is
+    named by a file path, so Train's own log level (``RunConfig.logging_config``) does not reach it."""
+    if not verbose():
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def send_progress(queue, record: dict[str, Any]):
+    """Rank 0's side: hand one record to the driver. Returns the queue, or None once it is gone (a
+    console that went away never stops training)."""
+    try:
+        queue.put_nowait(record)
+        return queue
+    except Exception:  # noqa: BLE001 - the driver's console is optional to the run
+        return None
+
+
+class TrainConsole:
+    """The driver's side of a training run: prints rank 0's records as they come, then a summary.
+
+    ``with TrainConsole(config) as console: fit(..., progress=console.queue)``; ``console.summary``
+    after the run. The queue actor takes no CPU, so it never competes with the run for resources.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.records: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+        self.queue = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> TrainConsole:
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self._thread = threading.Thread(target=self._pump, name="train-console", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            while not self.queue.empty():
+                self._print(self.queue.get_nowait())
+            self.queue.shutdown()
+        except Exception:  # noqa: BLE001 - with Ray gone, what the run raised is what the user must see
+            pass
+
+    def _pump(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
+            try:
+                record = self.queue.get(timeout=0.5)
+            except Empty:
+                continue
+            except Exception:  # noqa: BLE001 - Ray going down under the thread ends the console, not the run
+                return
+            self._print(record)
+
+    def _print(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        echo(progress_line(record))
+
+    def summary(self, result) -> list[str]:
+        """The end-of-run lines: steps, images, times, throughput, final metrics, where things went."""
+        config, t = self.config, self.config.train
+        wall = time.perf_counter() - self.started
+        lines = []
+        if self.records:
+            last = self.records[-1]
+            step, start, scalars = last["step"], last["start"], last["scalars"]
+            consumed = (step - start) * t.batch_size
+            groups = scalars["stream/groups_admitted"]
+            resumed = f", resumed at step {start}" if start else ""
+            lines += [
+                f"done: step {step}/{t.steps}{resumed} in {duration(wall)} "
+                f"({duration(last['train_s'])} training, {duration(wall - last['train_s'])} start-up and end)",
+                f"images: {groups * config.generator.images_per_caption:,.0f} generated ({groups:,.0f} captions x "
+                f"{config.generator.images_per_caption}), {consumed:,} consumed ({step - start} steps x "
+                f"{t.batch_size}), {consumed / max(last['train_s'], 1e-9):.0f} img/s",
+                "final: " + "  ".join(
+                    [f"loss {scalars['loss/total']:.3f} (mean over {t.num_workers} workers)"]
+                    + [f"{name} {value:.4f}" for name, value in last["eval"].items()]
+                ),
+            ]
+        else:
+            lines.append(f"done: no training step run in {duration(wall)} (the run had reached its last step)")
+        checkpoint = result.checkpoint.path if result.checkpoint else "none"
+        lines += [
+            f"checkpoint: {checkpoint}",
+            f"tensorboard: tensorboard --logdir {config.run_dir / 'tensorboard'}",
+        ]
+        return lines
+
+
+def echo(line: str) -> None:
+    """Print one line without tearing Ray Data's progress bar in a terminal."""
+    if interactive():
+        from ray.experimental.tqdm_ray import safe_print
+
+        safe_print(line, flush=True)
+    else:
+        print(line, flush=True)
+
+
+def eval_summary(results: dict[str, Any]) -> list[str]:
+    """What ``stablerep-ray eval`` prints: the scores, what they were measured on, and where they went."""
+    metrics = results.get("metrics", {})
+    knn = results.get("knn", {})
+    scores = "  ".join(
+        f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}" for name, value in metrics.items()
+    )
+    cache = results.get("feature_cache", {})
+    return [
+        f"eval: {scores}",
+        f"  {results['num_train']:,} train / {results['num_test']:,} test images, {results['num_classes']} "
+        f"classes ({results['test_data']}); kNN k={knn.get('k')}, T={knn.get('temperature')}; features "
+        f"{results['features_via']}{', cached' if cache.get('hit') else ''}; {duration(results['seconds'])}",
+        f"results: {results['output']}/results.json",
+        f"tensorboard: tensorboard --logdir {results['output']}",
+    ]

@@ -1,0 +1,100 @@
+"""The quickstart's console and TensorBoard, from one short run of the real command (output to a file,
+as in CI or `ray job logs`), and `stablerep-ray eval` of its checkpoint.
+
+Console: at most 100 lines, at least 90 % of them carrying information (no progress-bar redraws, blank
+cursor lines or raw report dumps), one progress line per log interval, and the summary last.
+TensorBoard: the kNN of the initial model at step 0, the loss averaged over ranks, hparams in the
+run's own directory, and no resume repetition on a run that never resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from repo import QUICKSTART, ROOT
+
+STEPS = 30  # 3 log intervals of 10 steps; kNN at steps 0, 15 and 30
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def noise(line: str) -> bool:
+    """A line that tells the reader nothing: blank, a progress-bar (re)draw, cursor movement, a raw dump."""
+    text = ANSI_COLOUR.sub("", line)
+    return (not text.strip() or "\x1b[A" in text or "\r" in text or re.search(r"\d+%\|", text) is not None
+            or "TrainingReport(" in text)
+
+
+def cli(*args: str, log: Path) -> int:
+    with open(log, "w") as out:
+        return subprocess.run([sys.executable, "-m", "stablerep_ray.cli", *args], cwd=ROOT, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=900).returncode
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("console")
+    log = out / "train.log"
+    start = time.monotonic()
+    rc = cli("train", str(QUICKSTART), "--output-dir", str(out), "--max-steps", str(STEPS),
+             "--set", "eval.every=15", "--set", "train.max_failures=0", log=log)
+    seconds = time.monotonic() - start
+    lines = log.read_text(errors="replace").splitlines()
+    print("\n".join(["", *lines, f"quickstart --max-steps {STEPS}: {len(lines)} console lines, {seconds:.0f}s"]))
+    return SimpleNamespace(rc=rc, lines=lines, run_dir=out / "quickstart")
+
+
+def test_console_is_short_informative_and_ends_with_the_summary(run):
+    text = "\n".join(run.lines)
+    assert run.rc == 0, text[-6000:]
+    noisy = [line for line in run.lines if noise(line)]
+    assert len(run.lines) <= 100, text
+    assert len(noisy) <= 0.1 * len(run.lines), noisy
+    progress = [line for line in run.lines if line.startswith("step ")]
+    assert [line.split()[1] for line in progress] == ["10/30", "20/30", "30/30"], progress
+    assert re.fullmatch(r"step 30/30  loss \d+\.\d{3}  \d+ img/s  wait \d+%  knn 0\.\d{3}", progress[-1])
+    summary = run.lines[-5:]
+    assert [line.split(":")[0] for line in summary] == ["done", "images", "final", "checkpoint", "tensorboard"]
+    assert summary[0].startswith(f"done: step {STEPS}/200 in ")
+    assert f"{STEPS * 128:,} consumed ({STEPS} steps x 128)" in summary[1]
+    assert summary[3] == f"checkpoint: {run.run_dir / f'checkpoint_{STEPS:08d}'}"
+
+
+def test_tensorboard_has_the_baseline_rank_mean_loss_and_hparams(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    assert run.rc == 0
+    events = EventAccumulator(str(run.run_dir / "tensorboard"))
+    events.Reload()
+    knn = events.Scalars("eval/knn_top1")
+    assert [e.step for e in knn] == [0, 15, 30]  # step 0: the initial model, before any step
+    assert [e.step for e in events.Scalars("loss/total")] == [10, 20, 30]
+    saved = json.loads((run.run_dir / f"checkpoint_{STEPS:08d}" / "metrics.json").read_text())
+    # the checkpoint's report holds rank 0's own loss; TensorBoard's is the mean over both ranks
+    assert events.Scalars("loss/total")[-1].value != pytest.approx(saved["loss"], abs=1e-6)
+    assert saved["stream/rows_repeated_on_resume"] == 0  # never resumed
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["train.objective"].string_value == "stablerep"
+    assert start.hparams["train.batch_size"].number_value == 128
+
+
+def test_eval_prints_scores_and_where_they_went(run, tmp_path):
+    assert run.rc == 0
+    log = tmp_path / "eval.log"
+    checkpoint = run.run_dir / f"checkpoint_{STEPS:08d}"
+    # in-process: seconds instead of a second Ray start (with Ray, its start-up lines come first)
+    assert cli("eval", "--checkpoint", str(checkpoint), "--data", "simulator:color", "--output", str(tmp_path),
+               "--in-process", log=log) == 0
+    lines = log.read_text().splitlines()
+    print("\n".join(["", *lines]))
+    assert re.fullmatch(r"eval: knn_top1 0\.\d{4}", lines[0]), lines
+    assert "features in-process" in lines[1]
+    assert lines[2:] == [f"results: {tmp_path}/results.json", f"tensorboard: tensorboard --logdir {tmp_path}"]

@@ -1,0 +1,58 @@
+"""What `stablerep-ray tune` prints: one line per trial event, then a table of the points."""
+
+from types import SimpleNamespace
+
+from repo import ROOT
+
+from stablerep_ray.config import load_config
+from stablerep_ray.sweep import SEED, plan_sweep
+from stablerep_ray.sweep.report import SweepOutputs, TrialEvents, print_outputs
+
+SWEEP = ROOT / "configs" / "sweep-quickstart.yaml"
+
+
+def test_one_line_per_trial_event(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    plan = plan_sweep(load_config(SWEEP, [f"output_dir={tmp_path}"]))
+    events = TrialEvents(plan)
+    params = {"generator.guidance_scale": 8.0, "stream.images_per_group": 2, SEED: 1}
+    trial = SimpleNamespace(trial_id="ab12", config=params, last_result={}, error_file="/sweep/ab12/error.txt")
+    events.setup()
+    events.on_trial_start(0, [], trial)
+    events.on_trial_result(0, [], trial, {"step": 100, "eval/knn_top1": 0.61234, "loss": 3.5})
+    trial.last_result = {"step": 100}
+    events.on_trial_complete(0, [], trial)  # ASHA stopped it at its grace period
+    trial.last_result = {"step": plan.steps}
+    events.on_trial_complete(0, [], trial)
+    events.on_trial_error(0, [], trial)
+    lines = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    name = "trial ab12-guidance_scale=8,images_per_group=2,seed=1"
+    assert lines == [
+        f"{name}: started",
+        f"{name}: step 100/200  knn 0.612  loss 3.500",
+        f"{name}: stopped by the scheduler at step 100",
+        f"{name}: done",
+        f"{name}: failed (/sweep/ab12/error.txt)",
+    ]
+
+
+def test_final_table_lines_up_the_points(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    plan = plan_sweep(load_config(SWEEP, [f"output_dir={tmp_path}"]))
+    summary = [
+        {"generator.guidance_scale": 1.0, "stream.images_per_group": 2, "mean": 0.61, "std": 0.012, "seeds": 2,
+         "completed": 2, "trials": 2},
+        {"generator.guidance_scale": 8.0, "stream.images_per_group": 4, "mean": None, "std": None, "seeds": 0,
+         "completed": 0, "trials": 2},
+    ]
+    rows = [{"status": "completed"}] * 2 + [{"status": "error"}] * 2
+    outputs = SweepOutputs(tmp_path, tmp_path / "results.csv", tmp_path / "summary.csv", None, None, rows, summary,
+                           None)
+    print_outputs(outputs, plan)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:4] == [
+        "trials: 2 completed, 2 error",
+        "  guidance_scale  images_per_group  eval/knn_top1 (mean +- std)  seeds  full budget",
+        "  1.0             2                 0.6100 +- 0.0120             2      2/2",
+        "  8.0             4                 n/a                          0      0/2",
+    ]

@@ -1,0 +1,70 @@
+"""The console lines of `train` and `eval`: what they say, from records shaped as rank 0 sends them."""
+
+from types import SimpleNamespace
+
+import pytest
+from repo import QUICKSTART
+
+from stablerep_ray.config import load_config
+from stablerep_ray.console import TrainConsole, duration, eval_summary, progress_line
+
+
+def record(step, start=0, train_s=30.0, knn=None):
+    return {
+        "step": step, "steps": 200, "start": start, "train_s": train_s,
+        "scalars": {"loss/total": 4.1234, "throughput/images_per_s": 311.6,
+                    "throughput/data_wait_fraction": 0.034, "stream/groups_admitted": 1600.0},
+        "eval": {} if knn is None else {"eval/knn_top1": knn},
+    }
+
+
+@pytest.mark.parametrize("seconds,text", [(0, "0s"), (12.4, "12s"), (100, "1m40s"), (3725, "1h02m")])
+def test_duration(seconds, text):
+    assert duration(seconds) == text
+
+
+def test_progress_line_has_rank_mean_loss_throughput_wait_eval_and_eta():
+    # 50 steps in 30 s: 150 steps left take 90 s
+    assert progress_line(record(50, knn=0.6123)) == (
+        "step 50/200  loss 4.123  312 img/s  wait 3%  knn 0.612  eta 1m30s")
+    # a resumed run's ETA counts only the steps this attempt ran: 10 steps in 30 s, 90 left
+    assert progress_line(record(110, start=100)).endswith("wait 3%  eta 4m30s")
+    assert "eta" not in progress_line(record(200))
+    two = record(200, knn=0.5)
+    two["eval"]["eval/student/knn_top1"] = 0.25  # SynCLR's teacher and student
+    assert progress_line(two).endswith("knn 0.500  student/knn 0.250")
+
+
+def test_summary_counts_steps_images_and_says_where_things_went(tmp_path):
+    config = load_config(QUICKSTART, [f"output_dir={tmp_path}"])
+    console = TrainConsole(config)
+    console.records = [record(10, train_s=5.0), record(200, train_s=64.0, knn=0.8375)]
+    lines = console.summary(SimpleNamespace(checkpoint=SimpleNamespace(path="/runs/checkpoint_00000200")))
+    text = "\n".join(lines)
+    assert lines[0].startswith("done: step 200/200 in ") and "1m04s training" in lines[0]
+    # 1600 captions x 8 images generated; 200 steps x 128 images consumed in 64 s
+    assert "12,800 generated (1,600 captions x 8), 25,600 consumed (200 steps x 128), 400 img/s" in text
+    assert "loss 4.123 (mean over 2 workers)" in text and "eval/knn_top1 0.8375" in text
+    assert lines[-2:] == ["checkpoint: /runs/checkpoint_00000200",
+                          f"tensorboard: tensorboard --logdir {config.run_dir / 'tensorboard'}"]
+
+
+def test_summary_of_a_run_that_had_nothing_left_to_do(tmp_path):
+    console = TrainConsole(load_config(QUICKSTART, [f"output_dir={tmp_path}"]))
+    lines = console.summary(SimpleNamespace(checkpoint=None))
+    assert lines[0].startswith("done: no training step run") and lines[1] == "checkpoint: none"
+
+
+def test_eval_summary():
+    results = {
+        "metrics": {"knn_top1": 0.8375, "linear_top1": 0.9}, "knn": {"k": 20, "temperature": 0.07},
+        "num_train": 800, "num_test": 800, "num_classes": 8, "test_data": "simulator:color:test",
+        "features_via": "in-process", "feature_cache": {"hit": True}, "seconds": 12.3, "output": "/ck/eval",
+    }
+    assert eval_summary(results) == [
+        "eval: knn_top1 0.8375  linear_top1 0.9000",
+        "  800 train / 800 test images, 8 classes (simulator:color:test); kNN k=20, T=0.07; features "
+        "in-process, cached; 12s",
+        "results: /ck/eval/results.json",
+        "tensorboard: tensorboard --logdir /ck/eval",
+    ]
