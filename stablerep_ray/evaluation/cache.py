@@ -1,8 +1,8 @@
 """The feature cache: ``features-<hash>.npz`` beside the checkpoint (or in ``cache_dir``).
 
 Embedding an eval set is the slow part of offline evaluation; the features only change when the
-data, the image size or the model file do, so the key hashes exactly those (data by a cheap stat
-fingerprint, never by decoding it). A cache that cannot be read or written is skipped, not fatal.
+data, the image size or the model file (and its weight set) do, so the key hashes exactly those
+(data by a cheap stat fingerprint, never by decoding it). A cache that cannot be read or written is skipped, not fatal.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import numpy as np
 
 from ..models.io import model_file
 from ..storage import open_filesystem
-from .datasets import LabelledImages
 from .specs import SIMULATOR_PER_CLASS, is_simulator_spec, parse_simulator, simulator_spec
 
 log = logging.getLogger(__name__)
+# How images become model input; features cached under another recipe are not reused. "uint8-view":
+# each image decoded alone, reduced to the eval transform's S x S view and rounded to uint8.
+PIXELS = "uint8-view"
 
 
 @dataclass
@@ -78,31 +80,24 @@ def _fingerprint(spec: str) -> Any:
         return [spec]
 
 
-def _data_key(data: str | LabelledImages, max_images: int) -> Any:
-    if isinstance(data, str):
-        return {"spec": _fingerprint(data), "max_images": max_images}
-    h = hashlib.sha1()
-    h.update(np.ascontiguousarray(data.images).data)
-    h.update(np.ascontiguousarray(data.labels).data)
-    h.update(json.dumps(data.class_names).encode())
-    return {"content": h.hexdigest(), "shape": list(data.images.shape)}
-
-
 def feature_cache_path(
     checkpoint: str | os.PathLike,
-    data: str | LabelledImages,
+    spec: str,
     image_size: int,
     cache_dir: str | os.PathLike | None = None,
     max_images: int = 0,
+    weights: str | None = None,
 ) -> Path:
     """``<cache_dir or checkpoint dir>/features-<hash>.npz``; the hash covers the dataset (spec and
-    a stat fingerprint, or the content of in-memory data), the image size and the model file."""
+    a stat fingerprint), the image cap and size, the pixels' version, the model file and its weight set."""
     file = model_file(checkpoint)
     st = file.stat()
     key = {
-        "data": _data_key(data, max_images),
+        "data": {"spec": _fingerprint(spec), "max_images": max_images},
         "image_size": int(image_size),
+        "pixels": PIXELS,
         "model": [str(file.resolve()) if cache_dir else file.name, st.st_size, st.st_mtime_ns],
+        "weights": weights,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(cache_dir or file.parent) / f"features-{digest}.npz"

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from ..config import ConfigError, EvalConfig
-from ..models.io import load_checked_model, model_file
-from ..storage import write_json_atomic
+from ..models.io import MODEL_FILE, load_checked_model, model_file
+from ..storage import open_filesystem, write_json_atomic
 from .cache import FeatureSet
 from .classifiers import knn_accuracy, linear_probe
 from .datasets import DEFAULT_TEST_FRACTION, align_classes, hold_out, load_eval_split
@@ -27,19 +29,28 @@ from .specs import check_data_spec
 METHODS = ("knn", "linear", "both")
 
 
+def online_cap(config: EvalConfig) -> int:
+    """Images per online set: the smaller of ``eval.max_images`` and ``eval.online_max_images``
+    (0 is no cap)."""
+    caps = [c for c in (config.max_images, config.online_max_images) if c]
+    return min(caps, default=0)
+
+
 class OnlineKNN:
     """Online kNN monitor for rank 0 of the training loop (``config.eval``).
 
-    The labelled sets are loaded once at construction (``load_eval_split``); ``evaluate(model,
-    device)`` extracts features in-process (no collective: call it on rank 0 only, with the
-    unwrapped model) and returns ``{"eval/knn_top1": accuracy}``.
+    The bank and query sets are decoded once, at construction, into uint8 arrays at the model's input
+    size (``load_eval_split``), each capped at ``online_cap(config.eval)`` images, so rank 0 holds
+    ``2 x cap x S^2 x 3`` bytes at most, whatever the set's size. ``evaluate(model, device)`` takes
+    any module with ``.features(images)``, extracts features in-process (no collective: call it on
+    rank 0 only, with the unwrapped model) and returns ``{"eval/knn_top1": accuracy}``.
     """
 
     def __init__(self, config):
         self.config = config.eval
         self.image_size = config.model.image_size
         self.train, self.test = load_eval_split(
-            self.config.data, self.config.max_images, seed=config.train.seed
+            self.config.data, self.image_size, online_cap(self.config), seed=config.train.seed
         )
         self._images = (torch.from_numpy(self.train.images), torch.from_numpy(self.test.images))
 
@@ -65,7 +76,8 @@ class OnlineKNN:
 @contextlib.contextmanager
 def _ray_session(use_ray: bool | None) -> Iterator[bool]:
     """Whether features come from the Ray actor pool: ``None`` uses Ray when it is already up;
-    ``True`` starts a local Ray when none is (and stops it afterwards)."""
+    ``True`` joins the cluster at ``RAY_ADDRESS`` or starts a local Ray when none is up (and
+    disconnects afterwards)."""
     if use_ray is False:
         yield False
         return
@@ -73,12 +85,66 @@ def _ray_session(use_ray: bool | None) -> Iterator[bool]:
 
     started = bool(use_ray) and not ray.is_initialized()
     if started:
-        ray.init()
+        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
     try:
         yield ray.is_initialized()
     finally:
         if started:
             ray.shutdown()
+
+
+def _fetch_model_file(uri: str, directory: Path) -> Path:
+    """Copy a URI checkpoint's model.pt to ``directory`` unless the copy there has its size and
+    modification time (kept from the source, so the feature cache keys stay valid)."""
+    import pyarrow.fs as pafs
+
+    fs, path = open_filesystem(uri, "checkpoint")
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        path = f"{path.rstrip('/')}/{MODEL_FILE}"
+        info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise ConfigError(
+            f"checkpoint {uri!r}: no {MODEL_FILE} found there; pass a checkpoint directory written "
+            f"by training (it holds {MODEL_FILE})"
+        )
+    local = directory / MODEL_FILE
+    mtime = info.mtime_ns or 0
+    if local.is_file() and (local.stat().st_size, local.stat().st_mtime_ns) == (info.size, mtime):
+        return local
+    directory.mkdir(parents=True, exist_ok=True)
+    part = local.with_suffix(".part")
+    with fs.open_input_stream(path) as src, open(part, "wb") as dst:
+        shutil.copyfileobj(src, dst, 2**24)
+    if mtime:
+        os.utime(part, ns=(mtime, mtime))
+    os.replace(part, local)
+    return local
+
+
+def _checkpoint_file(checkpoint: str | os.PathLike, output) -> tuple[Path, Path]:
+    """(local model.pt, results directory). A local checkpoint writes to ``<checkpoint>/eval``; a URI
+    (``s3://``, ``gs://``, ``file://``) is copied to ``<output>/checkpoint/`` and writes to
+    ``outputs/eval/<checkpoint name>`` unless ``output`` says otherwise."""
+    text = str(checkpoint)
+    if "://" not in text:
+        file = model_file(checkpoint)
+        return file, Path(output) if output else file.parent / "eval"
+    out_dir = Path(output) if output else Path("outputs", "eval", text.rstrip("/").rsplit("/", 1)[-1])
+    return _fetch_model_file(text, out_dir / "checkpoint"), out_dir
+
+
+def _with_overrides(config: EvalConfig, overrides: dict[str, Any] | None) -> EvalConfig:
+    config = config.model_copy()
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        try:
+            setattr(config, key, value)  # validated: the section checks assignments
+        except ValidationError as err:
+            reason = err.errors()[0]["msg"]
+            raise ConfigError(f"eval.{key}: {value!r} is invalid ({reason})") from None
+    return config
 
 
 def _score(train: FeatureSet, test: FeatureSet, method: str, config: EvalConfig):
@@ -122,32 +188,36 @@ def evaluate(
     method: str = "knn",
     output: str | os.PathLike | None = None,
     *,
+    overrides: dict[str, Any] | None = None,
     use_ray: bool | None = None,
     device: str | torch.device | None = None,
-    num_actors: int = 1,
-    num_gpus_per_actor: float = 0.0,
+    num_actors: int = 0,
+    num_gpus_per_actor: float | None = None,
+    weights: str | None = None,
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
     step: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint's frozen CLS features with kNN and/or a linear probe.
 
-    ``data`` is an eval spec (``parse_data_spec``; it overrides ``eval_config.data``), scored with
+    ``checkpoint`` is a local directory (or its model.pt) or a URI (``_checkpoint_file``). ``data``
+    is an eval spec (``parse_data_spec``; it overrides ``eval_config.data``), scored with
     ``eval_config``'s kNN k and temperature, batch size and image cap (``None``: the ``eval``
-    section of the run that wrote the checkpoint, so offline kNN scores as the run's online kNN did).
-    Features come from the Ray actor pool (``num_actors`` actors, ``num_gpus_per_actor`` GPUs each)
-    when ``use_ray`` (default: whether Ray is initialised), else in-process on ``device``; both are
-    cached per checkpoint. Writes ``results.json`` and TensorBoard scalars (``eval/knn_top1``,
-    ``eval/linear_top1``, ``eval/linear_mean_per_class``) to ``output`` (default
-    ``<checkpoint>/eval``) and returns the results dict.
+    section of the run that wrote the checkpoint, so offline kNN scores as the run's online kNN did),
+    with ``overrides`` ({EvalConfig field: value}, None values skipped) on top. Features are streamed
+    through the Ray Data pipeline (``num_actors`` actors, ``num_gpus_per_actor`` GPUs each; see
+    ``pool_size``) when ``use_ray`` (default: whether Ray is initialised), else in-process on
+    ``device``; both are cached per checkpoint and weight set (``weights``, None: the checkpoint's
+    evaluation weights). Writes ``results.json`` and TensorBoard scalars (``eval/knn_top1``,
+    ``eval/linear_top1``, ``eval/linear_mean_per_class``) to ``output`` and returns the results dict.
     """
     if method not in METHODS:
         raise ConfigError(f"method: {method!r} is not one of {', '.join(METHODS)}")
     started = time.perf_counter()
     train_spec, test_spec = check_data_spec(data)  # cheap: fail before any model or Ray work
-    file = model_file(checkpoint)
-    model, model_config = load_checked_model(file)  # rejects a state/architecture mismatch up front
-    config = eval_config or model_config.eval
+    file, out_dir = _checkpoint_file(checkpoint, output)
+    model, model_config = load_checked_model(file, weights)  # rejects a bad file up front
+    config = _with_overrides(eval_config or model_config.eval, overrides)
     image_size = model_config.model.image_size
     with _ray_session(use_ray) as use_ray:
         sets = compute_feature_sets(
@@ -163,6 +233,7 @@ def evaluate(
             num_gpus_per_actor=num_gpus_per_actor,
             cache=cache,
             cache_dir=cache_dir,
+            weights=weights,
         )
     if test_spec is None:
         tr, te = hold_out(sets[0].labels, data)
@@ -171,7 +242,6 @@ def evaluate(
         train, test = sets[0], align_classes(sets[0].class_names, sets[1], test_spec)
     metrics, details = _score(train, test, method, config)
 
-    out_dir = Path(output) if output else file.parent / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     held_out = f"stratified {DEFAULT_TEST_FRACTION:g} split, seed 0"
     results = {

@@ -1,17 +1,20 @@
 """Frozen CLS features: the one path from uint8 images to features for a model.
 
 :func:`extract_features` is that path; everything else calls it: the online kNN on rank 0, the
-benchmarks, and :func:`compute_feature_sets`, the offline pass that runs it either in this process or
-on a fixed-size Ray Data actor pool (each actor loads the checkpoint once) and caches the result next
-to the checkpoint (``features-<hash>.npz``, see :mod:`.cache`), so re-scoring a checkpoint with
+benchmarks, and :func:`compute_feature_sets`, the offline pass. That pass streams each set: Ray Data
+decode tasks turn blocks of ``batch_size`` indexed rows (:mod:`.sources`) into uint8 eval views, and
+a fixed-size actor pool (each actor loads the checkpoint once, on a GPU when given one) turns them into
+features; or, without Ray, the same blocks are decoded and embedded one after another in this process.
+Either way memory holds a few blocks and the features, never the set's images. The result is cached
+next to the checkpoint (``features-<hash>.npz``, see :mod:`.cache`), so re-scoring a checkpoint with
 another classifier does not decode or embed anything again.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -23,7 +26,7 @@ import torch
 from ..config import ConfigError
 from ..models.io import MODEL_FILE, load_checked_model, load_model, model_file
 from .cache import FeatureSet, feature_cache_path, read_cache, write_cache
-from .datasets import LabelledImages, load_labelled_images
+from .sources import ImageSource, SourceInfo, index_source, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,18 @@ def extract_features(
     return torch.zeros((0, dim), dtype=torch.float32)
 
 
-# -- Ray Data actor pool ---------------------------------------------------------------------------
+# -- Ray Data: decode tasks, then the actor pool ----------------------------------------------------
+def _decode_block(batch: dict[str, np.ndarray], infos: list[SourceInfo], image_size: int) -> dict:
+    """Ray Data task: a block of indexed rows (of one or more sets) -> their uint8 eval views."""
+    images = np.empty((len(batch["idx"]), image_size, image_size, 3), dtype=np.uint8)
+    for s in np.unique(batch["set"]):
+        rows = batch["set"] == s
+        images[rows] = read_rows(
+            infos[s], batch["path"][rows], batch["offset"][rows], batch["label"][rows], image_size
+        )
+    return {"idx": batch["idx"], "image": images}
+
+
 class _FeatureActor:
     """Ray Data actor: loads the checkpoint once, then maps image batches to CLS features.
 
@@ -85,15 +99,15 @@ class _FeatureActor:
     an ObjectRef so Ray does not fetch it unless needed).
     """
 
-    def __init__(self, checkpoint: str, image_size: int, batch_size: int, model_bytes=None):
+    def __init__(self, checkpoint: str, image_size: int, batch_size: int, model_bytes=None, weights=None):
         if os.path.isfile(checkpoint) or not model_bytes:
-            model, _ = load_model(checkpoint)
+            model, _ = load_model(checkpoint, weights)
         else:
             import ray
 
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / MODEL_FILE).write_bytes(ray.get(model_bytes[0]))
-                model, _ = load_model(tmp)
+                model, _ = load_model(tmp, weights)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
         self.image_size = image_size
@@ -106,71 +120,134 @@ class _FeatureActor:
         return {"idx": batch["idx"], "features": feats.numpy()}
 
 
+def _manifest(sources: Sequence[ImageSource], rows: int) -> list:
+    """The sets' rows as Arrow tables of ``rows`` rows (one decode block each): global index, set,
+    file, offset, label. Paths travel with their rows, so no task receives a whole set's index."""
+    import pyarrow as pa
+
+    tables, base = [], 0
+    for s, source in enumerate(sources):
+        for start in range(0, len(source), rows):
+            stop = min(start + rows, len(source))
+            tables.append(pa.table({
+                "idx": pa.array(np.arange(base + start, base + stop, dtype=np.int64)),
+                "set": pa.array(np.full(stop - start, s, dtype=np.int32)),
+                "path": pa.array(source.paths[start:stop].tolist(), pa.string()),
+                "offset": pa.array(source.offsets[start:stop]),
+                "label": pa.array(source.labels[start:stop]),
+            }))
+        base += len(source)
+    return tables
+
+
+def pool_size(num_actors: int, num_gpus_per_actor: float | None) -> tuple[int, float]:
+    """(actors, GPUs each) for the connected cluster: ``num_gpus_per_actor`` None takes 1 GPU per
+    actor when the cluster has GPUs, else 0; ``num_actors`` 0 takes one actor per GPU share (decode
+    tasks run on the CPUs), or half the CPUs without GPUs (Ray Data then fuses decoding into the
+    actors, whose resources equal a decode task's)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    have = resources.get("GPU", 0)
+    gpus = (1.0 if have else 0.0) if num_gpus_per_actor is None else float(num_gpus_per_actor)
+    if gpus > have:
+        raise ConfigError(
+            f"num_gpus_per_actor={gpus:g}: the Ray cluster has {have:g} GPUs; lower it (0 runs feature "
+            f"extraction on CPUs)"
+        )
+    if not num_actors:
+        num_actors = int(have // gpus) if gpus else int(resources.get("CPU", 1) // 2)
+    return max(1, num_actors), gpus
+
+
+def _user_error(err: BaseException) -> ConfigError | None:
+    """The ConfigError (unreadable image, missing bytes) a Ray task raised, as one line again: Ray
+    Data hands the driver a UserCodeException that keeps only the traceback's text."""
+    found = re.findall(r"(?m)\bConfigError: (.+)$", str(err))
+    return ConfigError(found[-1].strip()) if found else None
+
+
 def _ray_features(
-    checkpoint: str | os.PathLike,
-    images: np.ndarray,
+    checkpoint: Path,
+    sources: Sequence[ImageSource],
     image_size: int,
     batch_size: int,
     num_actors: int,
-    num_gpus_per_actor: float,
+    num_gpus_per_actor: float | None,
+    weights: str | None,
 ) -> np.ndarray:
-    import pyarrow as pa
     import ray
     from ray.data import ActorPoolStrategy, DataContext
-    from ray.data.extensions import ArrowTensorArray
 
-    if num_gpus_per_actor > 0:
-        have = ray.cluster_resources().get("GPU", 0)
-        if have < num_gpus_per_actor:
-            raise ConfigError(
-                f"num_gpus_per_actor={num_gpus_per_actor}: the Ray cluster has {have} GPUs; lower it "
-                f"(0 runs feature extraction on CPUs)"
-            )
-    n = len(images)
-    if n == 0:
-        raise ValueError("no images to extract features from")
+    num_actors, num_gpus = pool_size(num_actors, num_gpus_per_actor)
+    n = sum(len(s) for s in sources)
     rows = max(1, batch_size)
-    file = model_file(checkpoint)
     nodes = [node for node in ray.nodes() if node.get("Alive")]
-    model_bytes = [ray.put(file.read_bytes())] if len(nodes) > 1 else None
-    tables = [
-        pa.table(
-            {
-                "idx": pa.array(np.arange(s, min(s + rows, n), dtype=np.int64)),
-                "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(images[s : s + rows])),
-            }
-        )
-        for s in range(0, n, rows)
-    ]
+    model_bytes = [ray.put(checkpoint.read_bytes())] if len(nodes) > 1 else None
     ctx = DataContext.get_current()
-    old_wait = ctx.wait_for_min_actors_s
+    old_wait, old_limits = ctx.wait_for_min_actors_s, ctx.execution_options.resource_limits
     if old_wait is None or old_wait <= 0:
         ctx.wait_for_min_actors_s = 600  # fail instead of hanging when actors cannot be placed
+    # Decoded blocks wait for the actors in the object store: a budget of a few blocks per actor keeps
+    # that queue (and so memory) the same for any set size.
+    block = rows * image_size * image_size * 3
+    ctx.execution_options.resource_limits = old_limits.copy(
+        object_store_memory=max(2**28, 4 * (num_actors + 2) * block)
+    )
+    out: np.ndarray | None = None
     try:
-        ds = ray.data.from_arrow(tables).map_batches(
+        ds = ray.data.from_arrow(_manifest(sources, rows)).map_batches(
+            _decode_block,
+            fn_kwargs={"infos": [s.info for s in sources], "image_size": int(image_size)},
+            batch_size=None,
+            batch_format="numpy",
+            num_cpus=1,
+        ).map_batches(
             _FeatureActor,
-            compute=ActorPoolStrategy(size=max(1, num_actors)),
+            compute=ActorPoolStrategy(size=num_actors),
             batch_size=rows,
-            num_gpus=num_gpus_per_actor or None,
+            batch_format="numpy",
+            num_gpus=num_gpus or None,
             num_cpus=1,
             fn_constructor_kwargs={
-                "checkpoint": str(file.resolve()),
+                "checkpoint": str(checkpoint.resolve()),
                 "image_size": int(image_size),
                 "batch_size": rows,
                 "model_bytes": model_bytes,
+                "weights": weights,
             },
         )
-        idx, feats = [], []
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            idx.append(batch["idx"])
-            feats.append(batch["features"])
+            feats = batch["features"]
+            if out is None:
+                out = np.empty((n, feats.shape[1]), dtype=np.float32)
+            out[batch["idx"]] = feats  # Ray Data does not keep row order across actors
+    except Exception as err:
+        user = _user_error(err)
+        if user is None:
+            raise
+        raise user from None
     finally:
         ctx.wait_for_min_actors_s = old_wait
-    idx = np.concatenate(idx)
-    feats = np.concatenate(feats).astype(np.float32, copy=False)
-    out = np.empty_like(feats)
-    out[idx] = feats  # Ray Data does not preserve row order across actors
+        ctx.execution_options.resource_limits = old_limits
     return out
+
+
+def _local_features(
+    model: torch.nn.Module,
+    sources: Sequence[ImageSource],
+    image_size: int,
+    batch_size: int,
+    device: str | torch.device | None,
+) -> np.ndarray:
+    """The in-process path: decode a block, embed it, next block; memory holds one block."""
+    parts = [
+        extract_features(model, source.read(image_size, slice(start, start + batch_size)),
+                         image_size, batch_size, device).numpy()
+        for source in sources
+        for start in range(0, len(source), batch_size)
+    ]
+    return np.concatenate(parts)
 
 
 # -- offline: several sets, cached -----------------------------------------------------------------
@@ -184,7 +261,7 @@ def _checkpoint_image_size(checkpoint) -> int:
 
 def compute_feature_sets(
     checkpoint: str | os.PathLike,
-    datasets: Sequence[str | LabelledImages],
+    datasets: Sequence[str],
     *,
     image_size: int | None = None,
     batch_size: int = 256,
@@ -192,64 +269,56 @@ def compute_feature_sets(
     use_ray: bool = True,
     model: torch.nn.Module | None = None,
     device: str | torch.device | None = None,
-    num_actors: int = 1,
-    num_gpus_per_actor: float = 0.0,
+    num_actors: int = 0,
+    num_gpus_per_actor: float | None = None,
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    weights: str | None = None,
 ) -> list[FeatureSet]:
-    """Features of several labelled sets (specs or in-memory data) for one checkpoint, cached.
+    """Features of several labelled sets (data specs) for one checkpoint, cached.
 
-    Cache hits return without loading (decoding) the images. The missing sets are extracted in one
-    pass when their images share a size (one actor-pool start-up for train and test). ``use_ray``
-    runs the Ray Data actor pool, else the model runs in this process (``model`` if given, else
-    loaded from the checkpoint; on ``device``, else CUDA when there is one).
+    Cache hits return without indexing or decoding anything. The missing sets are streamed in one
+    pass (one actor-pool start-up for train and test). ``use_ray`` runs the Ray Data pipeline
+    (``pool_size`` reads ``num_actors`` and ``num_gpus_per_actor``), else the model runs in this
+    process (``model`` if given, else loaded from the checkpoint; on ``device``, else CUDA when there
+    is one). ``weights`` names the checkpoint's weight set (None: the one evaluation uses).
     """
-    image_size = int(image_size or _checkpoint_image_size(checkpoint))
+    file = model_file(checkpoint)
+    image_size = int(image_size or _checkpoint_image_size(file))
     results: list[FeatureSet | None] = [None] * len(datasets)
     paths: list[Path | None] = [None] * len(datasets)
-    for i, data in enumerate(datasets):
+    for i, spec in enumerate(datasets):
         if cache:
-            paths[i] = feature_cache_path(checkpoint, data, image_size, cache_dir, max_images)
+            paths[i] = feature_cache_path(file, spec, image_size, cache_dir, max_images, weights)
             results[i] = read_cache(paths[i])
             if results[i] is not None:
                 log.info("feature cache hit: %s", paths[i])
-    todo = {
-        i: load_labelled_images(data, max_images) if isinstance(data, str) else data
-        for i, data in enumerate(datasets)
-        if results[i] is None
-    }
-    groups: dict[tuple, list[int]] = collections.defaultdict(list)
-    for i, labelled in todo.items():
-        groups[labelled.images.shape[1:]].append(i)
-    if todo and not use_ray:
-        model = model if model is not None else load_checked_model(checkpoint)[0]
+    todo = [i for i in range(len(datasets)) if results[i] is None]
+    if not todo:
+        return results  # type: ignore[return-value]
+    sources = [index_source(datasets[i], max_images) for i in todo]
+    start = time.perf_counter()
+    if use_ray:
+        feats = _ray_features(
+            file, sources, image_size, batch_size, num_actors, num_gpus_per_actor, weights
+        )
+    else:
+        model = model if model is not None else load_checked_model(file, weights)[0]
         if device is not None or torch.cuda.is_available():
             model = model.to(device or "cuda")
-    for members in groups.values():
-        start = time.perf_counter()
-        images = (  # one set: no copy
-            np.concatenate([todo[i].images for i in members])
-            if len(members) > 1
-            else todo[members[0]].images
-        )
-        if use_ray:
-            feats = _ray_features(
-                checkpoint, images, image_size, batch_size, num_actors, num_gpus_per_actor
-            )
-        else:
-            feats = extract_features(model, images, image_size, batch_size, device).numpy()
-        offset = 0
-        for i in members:
-            labelled = todo[i]
-            part = feats[offset : offset + len(labelled)]
-            offset += len(labelled)
-            results[i] = FeatureSet(part, labelled.labels, list(labelled.class_names))
-            if paths[i] is not None:
-                meta = {
-                    "data": datasets[i] if isinstance(datasets[i], str) else labelled.spec,
-                    "image_size": image_size,
-                    "checkpoint": str(checkpoint),
-                    "seconds": time.perf_counter() - start,
-                }
-                results[i].cache_path = write_cache(paths[i], results[i], meta)
+        feats = _local_features(model, sources, image_size, batch_size, device)
+    offset = 0
+    for i, source in zip(todo, sources, strict=True):
+        part = feats[offset : offset + len(source)]
+        offset += len(source)
+        results[i] = FeatureSet(part, source.labels, list(source.class_names))
+        if paths[i] is not None:
+            meta = {
+                "data": datasets[i],
+                "image_size": image_size,
+                "checkpoint": str(checkpoint),
+                "weights": weights,
+                "seconds": time.perf_counter() - start,
+            }
+            results[i].cache_path = write_cache(paths[i], results[i], meta)
     return results  # type: ignore[return-value]

@@ -61,7 +61,7 @@ Public API
 :data:`ATTRIBUTES`, :func:`make_captions`, :func:`parse_caption`, :func:`caption_words`,
 :func:`mismatch_probability`, :func:`diversity_scale`, :func:`render_attributes`,
 :func:`generate_caption_images`, :class:`SimulatorGenerator` (Ray Data ``map_batches`` callable),
-:func:`render_eval_set`, :func:`write_image_folder`.
+:func:`render_eval_set`, :func:`render_eval_image`, :func:`write_image_folder`.
 
 Modules
 -------
@@ -75,7 +75,7 @@ public names (and the private ones the tests read), so callers import from
 from __future__ import annotations
 
 from .backend import SimulatorGenerator, generate_caption_images
-from .eval_sets import render_eval_set, write_image_folder
+from .eval_sets import render_eval_image, render_eval_set, write_image_folder
 from .render import _COLOR_RGB, render_attributes  # noqa: F401  (_COLOR_RGB: read by the tests)
 from .world import (  # noqa: F401  (the private names: read by the tests)
     _ONE_WORDS,
@@ -114,6 +114,7 @@ __all__ = [
     "render_attributes",
     "generate_caption_images",
     "SimulatorGenerator",
+    "render_eval_image",
     "render_eval_set",
     "write_image_folder",
 ]

@@ -39,18 +39,27 @@ def render_eval_set(
         raise ValueError(f"attribute: {attribute!r} is not one of {sorted(ATTRIBUTES)}")
     if split not in _SPLITS:
         raise ValueError(f"split: {split!r} is not 'train' or 'test'")
-    a = _ATTR_NAMES.index(attribute)
     class_names = sorted(ATTRIBUTES[attribute])
     num_classes = len(class_names)
     images = np.empty((per_class * num_classes, size, size, 3), dtype=np.uint8)
     labels = np.repeat(np.arange(num_classes, dtype=np.int64), per_class)
     for idx in range(len(labels)):
-        label, i = int(labels[idx]), idx % per_class
-        rng = np.random.default_rng(_seq([seed, _SPLITS[split], a, label, i], _KEY_EVAL))
-        codes = rng.integers(0, _ATTR_SIZES)
-        codes[a] = ATTRIBUTES[attribute].index(class_names[label])
-        images[idx] = render_attributes(dict(zip(_ATTR_NAMES, codes.tolist())), size, rng)
+        images[idx] = render_eval_image(attribute, int(labels[idx]), idx % per_class, size, seed, split)
     return images, labels, class_names
+
+
+def render_eval_image(
+    attribute: str, label: int, index: int, size: int = 64, seed: int = 0, split: str = "train"
+) -> np.ndarray:
+    """Image ``index`` of class ``label`` of :func:`render_eval_set`, alone: a streamed evaluation
+    renders any row without the rest of its set."""
+    attribute = _ALIASES.get(attribute, attribute)
+    a = _ATTR_NAMES.index(attribute)
+    class_names = sorted(ATTRIBUTES[attribute])
+    rng = np.random.default_rng(_seq([seed, _SPLITS[split], a, label, index], _KEY_EVAL))
+    codes = rng.integers(0, _ATTR_SIZES)
+    codes[a] = ATTRIBUTES[attribute].index(class_names[label])
+    return render_attributes(dict(zip(_ATTR_NAMES, codes.tolist())), size, rng)
 
 
 def write_image_folder(root: str | Path, images: np.ndarray, labels: np.ndarray, class_names: list[str]) -> Path:

@@ -1,6 +1,7 @@
 """Evaluation: data specs and loaders, kNN and linear-probe correctness, feature extraction, the
-end-to-end ``evaluate`` (in-process and on a Ray Data actor pool, with the feature cache), and the
-rejections of bad checkpoints and bad datasets."""
+end-to-end ``evaluate`` (in-process and streamed through Ray Data, with the feature cache; streamed
+features equal to the whole-set in-process reference), the ``eval`` command's options with a URI
+checkpoint, and the rejections of bad checkpoints, bad datasets and bad images in the stream."""
 
 from __future__ import annotations
 
@@ -129,12 +130,12 @@ def test_stratified_split_is_deterministic_and_stratified():
 def test_image_folder_roundtrip_and_cap(tmp_path):
     images, labels, names = render_eval_set("shape", per_class=3, size=24, split="test")
     write_image_folder(tmp_path / "folder", images, labels, names)
-    data = ev.load_labelled_images(str(tmp_path / "folder"))
+    data = ev.load_labelled_images(str(tmp_path / "folder"), image_size=24)
     assert data.class_names == names
     order = np.lexsort((np.arange(len(labels)), labels))  # files are read class by class
     assert np.array_equal(data.labels, labels[order])
     assert np.array_equal(data.images, images[order])  # PNG is lossless
-    capped = ev.load_labelled_images(str(tmp_path / "folder"), max_images=10)
+    capped = ev.load_labelled_images(str(tmp_path / "folder"), max_images=10, image_size=24)
     assert len(capped) == 10 and len(np.unique(capped.labels)) == 10  # class-balanced
 
 
@@ -148,8 +149,8 @@ def test_image_folder_mixed_sizes_and_modes(tmp_path):
         (tmp_path / cls).mkdir(exist_ok=True)
         n = len(list((tmp_path / cls).iterdir()))
         Image.new(mode, size[::-1]).save(tmp_path / cls / f"{n}.png")
-    data = ev.load_labelled_images(str(tmp_path))
-    assert data.images.shape == (4, 20, 20, 3) and data.images.dtype == np.uint8  # most common size
+    data = ev.load_labelled_images(str(tmp_path), image_size=20)
+    assert data.images.shape == (4, 20, 20, 3) and data.images.dtype == np.uint8  # each its S x S view
     assert ev.load_labelled_images(str(tmp_path), image_size=16).images.shape == (4, 16, 16, 3)
 
 
@@ -170,7 +171,7 @@ def test_parquet_hf_struct_and_string_labels(tmp_path):
         {"huggingface": json.dumps(meta)}
     )
     pq.write_table(table, tmp_path / "hf.parquet")
-    data = ev.load_labelled_images(str(tmp_path / "hf.parquet"))
+    data = ev.load_labelled_images(str(tmp_path / "hf.parquet"), image_size=16)
     assert data.class_names == names and np.array_equal(data.labels, labels)
     assert np.array_equal(data.images, images)
 
@@ -180,7 +181,7 @@ def test_parquet_hf_struct_and_string_labels(tmp_path):
         pa.table({"image": [_png(im) for im in images], "label": str_labels}),
         tmp_path / "dir" / "part-0.parquet",
     )
-    data = ev.load_labelled_images(str(tmp_path / "dir"))
+    data = ev.load_labelled_images(str(tmp_path / "dir"), image_size=16)
     assert (
         data.class_names == sorted(names)
         and [data.class_names[i] for i in data.labels] == str_labels
@@ -188,7 +189,7 @@ def test_parquet_hf_struct_and_string_labels(tmp_path):
 
 
 def test_simulator_spec_loads_the_held_out_set():
-    data = ev.load_labelled_images("simulator:shape:test:2")
+    data = ev.load_labelled_images("simulator:shape:test:2", image_size=64)
     images, labels, names = render_eval_set("shape", per_class=2, split="test")
     assert np.array_equal(data.images, images) and np.array_equal(data.labels, labels)
     assert data.class_names == names
@@ -197,14 +198,14 @@ def test_simulator_spec_loads_the_held_out_set():
 # ------------------------------------------------------------------------------ data rejections
 def test_missing_path_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match=r"path not found.*ImageFolder"):
-        ev.load_labelled_images(str(tmp_path / "missing"))
+        ev.load_labelled_images(str(tmp_path / "missing"), image_size=8)
 
 
 def test_empty_image_folder_is_rejected(tmp_path):
     (tmp_path / "cat").mkdir()
     (tmp_path / "dog").mkdir()
     with pytest.raises(ConfigError, match=rf"{tmp_path}.*empty.*root/<class>/<image>.png"):
-        ev.load_labelled_images(str(tmp_path))
+        ev.load_labelled_images(str(tmp_path), image_size=8)
 
 
 def test_single_class_image_folder_is_rejected(tmp_path):
@@ -214,13 +215,13 @@ def test_single_class_image_folder_is_rejected(tmp_path):
     with pytest.raises(
         ConfigError, match=rf"{tmp_path}.*only one class \('circle'\).*at least two"
     ):
-        ev.load_labelled_images(str(tmp_path))
+        ev.load_labelled_images(str(tmp_path), image_size=8)
 
 
 def test_images_at_root_are_rejected(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
     with pytest.raises(ConfigError, match="one subdirectory per class"):
-        ev.load_labelled_images(str(tmp_path))
+        ev.load_labelled_images(str(tmp_path), image_size=8)
 
 
 # ------------------------------------------------------------------------------------------ kNN
@@ -350,7 +351,7 @@ def test_evaluate_in_process_writes_results_and_reuses_cache(checkpoint, tmp_pat
         raise AssertionError("features recomputed despite the cache")
 
     monkeypatch.setattr(ev_features, "extract_features", boom)
-    monkeypatch.setattr(ev_features, "load_labelled_images", boom)
+    monkeypatch.setattr(ev_features, "index_source", boom)
     again = ev.evaluate(checkpoint, "simulator:shape:6", method="knn", use_ray=False)
     assert (
         again["feature_cache"]["hit"]
@@ -445,3 +446,65 @@ def test_evaluate_train_test_folders_align_classes_and_split(checkpoint, tmp_pat
         ev.evaluate(checkpoint, f"{tmp_path}/train:{tmp_path}/test", use_ray=False, cache=False)
     split = ev.evaluate(checkpoint, f"{tmp_path}/train", output=tmp_path / "s", use_ray=False)
     assert (split["num_train"], split["num_test"]) == (9, 3)  # stratified 20%: one per class
+
+
+# ------------------------------------------------------------------- streamed = in-process reference
+def _reference_features(checkpoint, images, batch_size=256):
+    """Today's path, by hand: the decoded images, whole, through the in-process ``extract_features``."""
+    from stablerep_ray.models.io import load_model
+
+    model, _ = load_model(checkpoint)
+    return ev.extract_features(model, images, 32, batch_size).numpy()
+
+
+def test_streamed_features_equal_the_in_process_reference(checkpoint, tmp_path, ray_session):
+    images, labels, names = render_eval_set("shape", per_class=3, size=32, split="test")
+    write_image_folder(tmp_path / "folder", images, labels, names)
+    order = np.lexsort((np.arange(len(labels)), labels))  # ImageFolder: class by class, then by name
+    pq.write_table(
+        pa.table({"image": [_png(im) for im in images], "label": labels}), tmp_path / "set.parquet"
+    )
+    folder, table = ev.compute_feature_sets(
+        checkpoint, [str(tmp_path / "folder"), str(tmp_path / "set.parquet")], batch_size=8, cache=False
+    )
+    np.testing.assert_allclose(
+        folder.features, _reference_features(checkpoint, images[order], 8), rtol=1e-6, atol=1e-6
+    )
+    assert np.array_equal(folder.labels, labels[order]) and folder.class_names == names
+    np.testing.assert_allclose(
+        table.features, _reference_features(checkpoint, images, 8), rtol=1e-6, atol=1e-6
+    )
+    assert np.array_equal(table.labels, labels)
+
+
+def test_eval_command_options_and_a_uri_checkpoint(checkpoint, tmp_path, ray_session, capsys):
+    from stablerep_ray.cli import main
+
+    out = tmp_path / "out"
+    argv = ["eval", "--checkpoint", f"file://{checkpoint}", "--data", "simulator:color:4", "--k", "3",
+            "--temperature", "0.2", "--batch-size", "7", "--max-images", "20", "--num-actors", "1",
+            "--output", str(out)]
+    assert main(argv) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["knn"] == {"k": 3, "temperature": 0.2} and saved["features_via"] == "ray"
+    assert saved["num_train"] == saved["num_test"] == 20  # --max-images caps each set
+    copy = out / "checkpoint" / MODEL_FILE  # the URI's model.pt, fetched once, its mtime kept
+    assert copy.read_bytes() == (checkpoint / MODEL_FILE).read_bytes()
+    assert copy.stat().st_mtime_ns == (checkpoint / MODEL_FILE).stat().st_mtime_ns
+    fetched = copy.stat().st_ctime_ns
+    assert main(argv) == 0 and copy.stat().st_ctime_ns == fetched  # not fetched again
+    assert json.loads((out / "results.json").read_text())["feature_cache"]["hit"]
+    assert main([*argv[:2], f"file://{tmp_path}/none", *argv[3:]]) == 2
+    assert "no model.pt found there" in capsys.readouterr().err
+    assert main([*argv, "--num-gpus", "1", "--max-images", "10"]) == 2  # no GPU here (and no cache hit)
+    assert "num_gpus_per_actor=1: the Ray cluster has 0 GPUs" in capsys.readouterr().err
+
+
+def test_a_bad_image_in_the_stream_is_one_clear_error(checkpoint, tmp_path, ray_session):
+    images, labels, names = render_eval_set("shape", per_class=2, size=16)
+    write_image_folder(tmp_path, images, labels, names)
+    bad = sorted((tmp_path / names[3]).iterdir())[0]
+    bad.write_bytes(b"truncated")
+    with pytest.raises(ConfigError, match=rf"^{bad}: not a readable image") as err:
+        ev.compute_feature_sets(checkpoint, [str(tmp_path)], cache=False, num_actors=1)
+    assert "Traceback" not in str(err.value)
