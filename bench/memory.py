@@ -2,6 +2,7 @@
 
     uv run python -m bench.memory                       # quickstart, N = 80 -> 80 and 800 steps (~8 min)
     uv run python -m bench.memory --steps 20 --factor 10
+    uv run python -m bench.memory --synth              # captions written as the run goes (captions.synth)
 
 Both runs are the same 10N-step run (train.steps = 10N: the same stream and learning-rate schedule);
 the first is stopped after N steps (``--max-steps``). N must cover the stream's fill-up: a generator
@@ -13,6 +14,8 @@ every --interval seconds:
   generator actors, reader tasks, Train controller and workers), and the same minus shared pages
   (RSS counts the object store's shared-memory pages in every process that maps them);
 * object store: bytes used in plasma (raylet FormatGlobalMemoryInfo: object_store_bytes_used).
+``--synth`` runs configs/synclr-captions-quickstart.yaml instead: the caption-synthesis stage (template
+backend) in front of the generators, so the stream has no end and no file behind it.
 Prints peak(10N) / peak(N) for each (target <= 1.1). The stream's object-store budget is
 ``stream.object_store_mb`` (auto by default; try others with ``--set stream.object_store_mb=512``).
 """
@@ -28,9 +31,12 @@ import threading
 import time
 from pathlib import Path
 
+from stablerep_ray.config import SYNTH_SOURCE
+
 from . import common
 
 MODULE = "bench.memory"
+SYNTH_CONFIG = "configs/synclr-captions-quickstart.yaml"
 
 
 class Sampler(threading.Thread):
@@ -95,7 +101,7 @@ def one_run(path: str, overrides: list[str], steps: int, total_steps: int, inter
     stamp = time.strftime("%Y%m%d-%H%M%S")
     config = common.load(path, overrides + [
         f"name=bench-mem-{steps}-{stamp}", f"output_dir={common.RESULTS / 'runs'}", f"train.steps={total_steps}"])
-    per_pass = common.captions_per_pass(config)
+    per_pass = 0 if config.captions.source == SYNTH_SOURCE else common.captions_per_pass(config)
     sampler = Sampler(interval)
     sampler.start()
     t0 = time.perf_counter()
@@ -120,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=80, help="N")
     parser.add_argument("--factor", type=int, default=10, help="the long run has factor x N steps")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
+    parser.add_argument("--synth", action="store_true", help=f"captions written as the run goes ({SYNTH_CONFIG})")
     parser.add_argument("--single", type=int, help=argparse.SUPPRESS)  # internal: one run of this many steps
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.synth:
+        args.config = SYNTH_CONFIG
 
     if args.single:
         stats = one_run(args.config, args.overrides, args.single, args.steps * args.factor, args.interval,
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"config": args.config, "overrides": args.overrides, "N": args.steps, "factor": args.factor,
                "short": short, "long": long, "ratios": ratios, "target": 1.1,
                "pass": all(r is not None and r <= 1.1 for r in (ratios["peak_rss"], ratios["peak_object_store"]))}
-    path = common.write_result("memory", summary, MODULE)
+    path = common.write_result("memory-synth" if args.synth else "memory", summary, MODULE)
     print(f"\ncommand: {common.command_line(MODULE)}")
     for key, label in [("peak_rss", "RSS (driver + Ray processes)"), ("peak_rss_private", "RSS minus shared"),
                        ("peak_object_store", "object store used")]:

@@ -1,4 +1,5 @@
-"""Caption sources: files and URIs read chunk by chunk by Ray Data tasks, each caption with a stable id."""
+"""Caption sources: files and URIs read chunk by chunk by Ray Data tasks, each caption with a stable id;
+or, with ``captions.source: synth``, captions written from concept lists as the run goes (``synth/``)."""
 
 from .files import (
     EMPTY_CHUNK_ID,

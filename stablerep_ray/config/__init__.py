@@ -19,11 +19,13 @@ from .sections import (
     TextTowerConfig,
     TrainConfig,
 )
+from .synth import SYNTH_SOURCE, SynthConfig
 from .tune import TuneBudgetConfig, TuneConfig, TuneParam, TuneSchedulerConfig
 
 __all__ = [
     "AugmentConfig", "CaptionsConfig", "ClusterConfig", "Config", "ConfigError", "EvalConfig",
-    "GeneratorConfig", "ModelConfig", "StreamConfig", "TextTowerConfig", "TrainConfig",
+    "GeneratorConfig", "ModelConfig", "SYNTH_SOURCE", "StreamConfig", "SynthConfig", "TextTowerConfig",
+    "TrainConfig",
     "TuneBudgetConfig", "TuneConfig", "TuneParam", "TuneSchedulerConfig",
     "apply_overrides", "dump_config", "from_dict", "load_config", "reference_markdown",
 ]

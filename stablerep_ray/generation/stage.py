@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..captions import EMPTY_CHUNK_ID
-from ..config import Config, GeneratorConfig
+from ..config import SYNTH_SOURCE, Config, GeneratorConfig
 from .backends import generator_class
 
 
@@ -44,7 +44,12 @@ def build_image_stream(config: Config, start_chunk: int = 0, captions_per_pass: 
     gen, t = config.generator, config.train
     needed = t.steps * t.batch_size // config.group_size // config.stream.reuse + 4 * gen.captions_per_call
     remote_args = {"label_selector": gen.label_selector} if gen.label_selector else {}
-    captions = read_captions(config.captions, start_chunk, needed, captions_per_pass)
+    if config.captions.source == SYNTH_SOURCE:  # captions written as the run goes: one more streamed stage
+        from ..captions.synth.stream import synth_captions
+
+        captions = synth_captions(config.captions.synth, start_chunk, needed)
+    else:
+        captions = read_captions(config.captions, start_chunk, needed, captions_per_pass)
     # One block per generator call: a map task emits its output only when its input block is done,
     # so a 10k-caption chunk would otherwise hold back every image for hours.
     captions = captions.repartition(target_num_rows_per_block=gen.captions_per_call)

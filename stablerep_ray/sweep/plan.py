@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from ..config import Config, ConfigError, TuneParam, from_dict
+from ..config import SYNTH_SOURCE, Config, ConfigError, TuneParam, from_dict
 from ..config.io import set_dotted_key
 from ..storage import storage_path
 from ..training.objectives import get_objective
@@ -137,6 +137,10 @@ def _absolute_paths(config: Config) -> Config:
     data = config.model_dump(mode="json")
     data["output_dir"] = str(Path(config.output_dir).expanduser().resolve())
     data["captions"]["source"] = absolute(config.captions.source)
+    if config.captions.source == SYNTH_SOURCE:  # concept, background, texture, example files and a model dir
+        from ..captions.synth.pools import with_absolute_paths
+
+        data["captions"]["synth"] = with_absolute_paths(config.captions.synth).model_dump(mode="json")
     data["generator"]["model"] = absolute(config.generator.model)
     if config.eval.data and not Path(config.eval.data).exists():
         from ..evaluation import parse_data_spec

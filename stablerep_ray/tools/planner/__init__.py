@@ -24,11 +24,14 @@ generators and timm ViT trainers only).
 
 Modules: ``costs`` (the cost model, GPU peaks, the estimate and the benchmark table), ``measure``
 (rates measured here with the one training step, saved and reused; :func:`rates_for`), ``split``
-(the split, its warnings and the ``plan`` report). This package re-exports what callers use.
+(the split, its warnings and the ``plan`` report), ``captions`` (the caption-synthesis stage in front of
+the generators: its measured rate, the devices it holds, its bottleneck warning). This package re-exports
+what callers use.
 """
 
 from __future__ import annotations
 
+from .captions import CaptionRate, caption_rate, check_caption_supply, consumed_captions_per_s, save_caption_rate
 from .costs import (
     ASSUMED_UTILISATION,
     PEAK_BF16_TFLOPS,
@@ -75,12 +78,16 @@ __all__ = [
     "VIT_B16_TRAIN_TFLOP",
     "WAIT_TARGET",
     "Budget",
+    "CaptionRate",
     "Rates",
     "Split",
     "best_split",
     "budget_for",
+    "caption_rate",
+    "check_caption_supply",
     "check_balance",
     "check_call_length",
+    "consumed_captions_per_s",
     "cost_model_ratio",
     "detect_gpu_type",
     "estimate_rates",
@@ -96,6 +103,7 @@ __all__ = [
     "plan",
     "rates_for",
     "results_dir",
+    "save_caption_rate",
     "table_rates",
     "trainer_tflop",
 ]

@@ -16,6 +16,7 @@ from pathlib import Path
 from ...config import Config
 from ...training.objectives import get_objective
 from ...training.optim import describe_lr
+from .captions import caption_stage_line, llm_devices
 from .costs import Rates, generators_per_trainer, uses_gpus
 from .measure import rates_for
 
@@ -170,6 +171,12 @@ def plan(config: Config, gpus: float, measure: bool = False, gpu_type: str | Non
         lines.append(f"config {config.name!r} runs on CPUs (train.use_gpu=false, generator."
                      f"num_gpus_per_actor=0): --gpus {gpus:g} is read as {gpus:g} CPUs to split "
                      f"({t.num_cpus_per_worker:g} per trainer worker, {g.num_cpus_per_actor:g} per actor)")
+    held = llm_devices(config, unit)
+    if held:  # the language-model pool's devices are not the split's to give
+        budget.total -= held
+        gpus -= held
+        lines.append(f"captions.synth: {config.captions.synth.num_actors} language-model actors hold {held:g} "
+                     f"{unit}s; {budget.total:g} are left to split")
     try:
         rates = rates_for(config, measure, gpu_type, results)
     except RuntimeError as err:
@@ -236,6 +243,9 @@ def plan(config: Config, gpus: float, measure: bool = False, gpu_type: str | Non
         f"~{chosen.wait:.0%}; bottleneck: {bottleneck}",
         f"set: generator.num_actors={chosen.actors} train.num_workers={chosen.trainers}",
     ]
+    caption_line = caption_stage_line(config, chosen.captions_per_s, results)
+    if caption_line:
+        lines.append(caption_line)
     unit_batch = gs * chosen.trainers
     if t.batch_size % unit_batch:
         lines.append(f"  and train.batch_size to a multiple of {gs} x {chosen.trainers} = {unit_batch} "
