@@ -2,6 +2,8 @@
 
     uv run python -m bench.learning                       # 3 seeds x {stablerep, simclr} + random init
     uv run python -m bench.learning --seeds 0 1 2 3 4 --steps 150 --attributes color shape
+    uv run python -m bench.learning --objectives synclr stablerep simclr \
+        --objective-config synclr=configs/synclr-quickstart.yaml --budget time
 
 Every run goes through the real pipeline (``stablerep_ray.training.fit`` on a local Ray: simulator
 generator actor pool -> streaming_split -> 2 DDP workers), from ``configs/quickstart.yaml`` with
@@ -10,6 +12,12 @@ step* (``train.batch_size``) and equal steps: StableRep sees ``batch_size / m`` 
 images each, SimCLR ``batch_size / 2`` captions with one image in two augmented views
 (``train.objective: simclr``). The ``random`` row is the same architecture at its initialisation for
 the same seed (the weights training starts from), trained for zero steps.
+
+``--objective-config`` starts an objective's runs from its own config (SynCLR's crops, heads and
+temperature: configs/synclr-quickstart.yaml extends the quickstart, so the rest is shared).
+``--budget time`` gives every objective the trainer time of the first one at ``--steps``: each runs
+``steps x (its measured training-step rate / the first one's)`` steps, rates measured here with the
+one training step (the planner's ``measure_trainer_rate``) before any run.
 
 Each checkpoint is scored by weighted kNN (k=20, T=0.07, CLS features) on the simulator's held-out
 evaluation set (``render_eval_set``: its own seed space, nuisance from the prior, disjoint from every
@@ -63,7 +71,7 @@ def run_config(base, objective: str, seed: int, steps: int, output_dir: str):
     from stablerep_ray.config import from_dict
 
     data = base.model_dump(mode="json")
-    data["name"] = f"learning-{objective}-s{seed}"
+    data["name"] = f"learning-{objective}-s{seed}-{steps}steps"
     data["output_dir"] = output_dir
     data["train"].update(objective=objective, seed=seed, steps=steps, max_failures=0,
                          checkpoint_every=steps, image_grid_every=0)
@@ -89,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attributes", nargs="+", default=None,
                    help="simulator attributes to score (default: the config's eval attribute)")
     p.add_argument("--per-class", type=int, default=100, help="held-out images per class (bank and queries each)")
+    p.add_argument("--objective-config", nargs="+", default=[], metavar="OBJECTIVE=CONFIG",
+                   help="the config an objective's runs start from (default: --config)")
+    p.add_argument("--budget", choices=["images", "time"], default="images",
+                   help="equal images seen (equal steps) or equal trainer time (steps scaled by measured rates)")
     p.add_argument("--output-dir", default="outputs/bench-learning")
     p.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray")
     args = p.parse_args(argv)
@@ -104,6 +116,19 @@ def main(argv: list[str] | None = None) -> int:
 
     base = load_config(args.config, args.overrides)
     steps = args.steps or base.train.steps
+    config_of = dict(item.split("=", 1) for item in args.objective_config)
+    bases = {o: load_config(config_of.get(o, args.config), [*args.overrides, f"train.objective={o}"])
+             for o in args.objectives}
+    steps_of = {o: steps for o in args.objectives}
+    rates = {}
+    if args.budget == "time":
+        from stablerep_ray.tools.planner.measure import measure_trainer_rate
+
+        rates = {o: measure_trainer_rate(bases[o], min_seconds=10.0) for o in args.objectives}
+        first = args.objectives[0]
+        steps_of = {o: max(1, round(steps * rates[o] / rates[first])) for o in args.objectives}
+        print("# equal trainer time: " + ", ".join(f"{o} {rates[o]:.0f} inputs/s -> {steps_of[o]} steps"
+                                                  for o in args.objectives), flush=True)
     attributes = args.attributes
     if not attributes:
         spec = base.eval.data
@@ -130,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append({"objective": "random", "seed": seed, "steps": 0, "knn_top1": acc, "seconds": 0.0})
             print(f"random     seed {seed}: " + "  ".join(f"{a} {v:.3f}" for a, v in acc.items()), flush=True)
             for objective in args.objectives:
-                config = run_config(base, objective, seed, steps, args.output_dir)
+                config = run_config(bases[objective], objective, seed, steps_of[objective], args.output_dir)
                 t0 = time.perf_counter()
                 result = fit(config)
                 seconds = time.perf_counter() - t0
@@ -139,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 with result.checkpoint.as_directory() as ckpt:
                     model, _ = load_model(ckpt)
                 acc = score(model)
-                runs.append({"objective": objective, "seed": seed, "steps": steps, "knn_top1": acc,
+                runs.append({"objective": objective, "seed": seed, "steps": steps_of[objective], "knn_top1": acc,
                              "seconds": round(seconds, 1), "loss": result.metrics.get("loss")})
                 print(f"{objective:10s} seed {seed}: " + "  ".join(f"{a} {v:.3f}" for a, v in acc.items())
                       + f"  ({seconds:.0f}s, final loss {result.metrics.get('loss', float('nan')):.3f})",
@@ -155,12 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     chance = {a: 1.0 / len(__import__("stablerep_ray.tools.simulator", fromlist=["ATTRIBUTES"]).ATTRIBUTES[a])
               for a in attributes}
     print(f"\nkNN top-1 on the simulator's held-out set, mean +- std over seeds {args.seeds} "
-          f"({steps} steps x {base.train.batch_size} encoder views)")
-    print("| objective | " + " | ".join(f"{a} (chance {chance[a]:.2f})" for a in attributes) + " |")
-    print("| --- | " + " | ".join("---" for _ in attributes) + " |")
+          f"(steps x {base.train.batch_size} encoder views, budget: equal {args.budget})")
+    print("| objective | steps | " + " | ".join(f"{a} (chance {chance[a]:.2f})" for a in attributes) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in attributes) + " |")
     for objective, per_attr in summary.items():
         cells = [f"{s['mean']:.3f} +- {s['std']:.3f}" for s in per_attr.values()]
-        print(f"| {objective} | " + " | ".join(cells) + " |")
+        print(f"| {objective} | {steps_of.get(objective, 0)} | " + " | ".join(cells) + " |")
     if len(args.objectives) >= 2:  # the first objective against the second, paired by seed
         first, second = args.objectives[:2]
         by_run = {(r["objective"], r["seed"]): r["knn_top1"] for r in runs}
@@ -179,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         "config": args.config,
         "overrides": args.overrides,
         "steps": steps,
+        "budget": args.budget,
+        "steps_per_objective": steps_of,
+        "trainer_inputs_per_s": rates,
         "batch_size": base.train.batch_size,
         "images_per_group": base.stream.images_per_group,
         "guidance_scale": base.generator.guidance_scale,

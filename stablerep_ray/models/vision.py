@@ -74,11 +74,12 @@ class StableRepModel(nn.Module):
         return self.encoder(images)
 
     def forward(self, images: torch.Tensor, head_chunks: int = 1, with_features: bool = False, *,
-                local_crops: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+                multicrop: bool = False, local_crops: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """L2-normalised projections used by the contrastive losses (``head_chunks``: see the head);
-        with ``with_features`` also the CLS features they came from. Given ``local_crops`` or
-        ``mask``, the student's multi-crop pass instead (``crop_outputs``): DDP sees one forward."""
-        if local_crops is not None or mask is not None:
+        with ``with_features`` also the CLS features they came from. With ``multicrop``, the
+        student's pass over global crops, ``local_crops`` and ``mask`` instead (``crop_outputs``),
+        so that DDP sees one forward per step."""
+        if multicrop:
             return self.crop_outputs(images, local_crops, mask, student=True)
         features = self.encoder(images)
         z = F.normalize(self.head(features, head_chunks), dim=-1)

@@ -1,4 +1,5 @@
-"""Optimiser and learning-rate schedule: AdamW, linear warm-up, cosine decay."""
+"""Optimiser and schedules: AdamW, linear warm-up then cosine decay of the lr, and an optional cosine
+schedule of the weight decay."""
 
 from __future__ import annotations
 
@@ -31,6 +32,20 @@ def lr_multiplier(step: int, config: Config) -> float:
         return (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def weight_decay_at(step: int, config: Config) -> float:
+    """The weight decay of step ``step``: constant, or a half cosine to ``train.weight_decay_end``."""
+    t = config.train
+    if t.weight_decay_end is None:
+        return t.weight_decay
+    cosine = 0.5 * (1 + math.cos(math.pi * min(step, t.steps) / t.steps))
+    return t.weight_decay_end + (t.weight_decay - t.weight_decay_end) * cosine
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, step: int, config: Config) -> None:
+    """Apply ``weight_decay_at(step)`` to the decayed parameter group (the first, see build_optimizer)."""
+    optimizer.param_groups[0]["weight_decay"] = weight_decay_at(step, config)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:

@@ -18,7 +18,7 @@ from ..precision import autocast_dtype
 from ..stream import Batch
 from .objectives import Objective, get_objective
 from .objectives.base import Augment, Forward
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, set_weight_decay
 
 
 @dataclass
@@ -79,6 +79,7 @@ class TrainStep:
         loss.backward()
         if self.config.train.grad_clip:
             metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        set_weight_decay(self.optimizer, self.step, self.config)
         self.optimizer.step()
         self.scheduler.step()
         self.objective.after_step(self.model, self.step)

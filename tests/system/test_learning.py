@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import ray
 import torch
-from repo import QUICKSTART
+from repo import CONFIGS, QUICKSTART
 
 from stablerep_ray.config import load_config
 from stablerep_ray.evaluation import extract_features, knn_accuracy
 from stablerep_ray.models import build_model, load_model
 from stablerep_ray.runtime import configure_data_context
 from stablerep_ray.tools.simulator import ATTRIBUTES, render_eval_set
+from stablerep_ray.training.objectives import get_objective
 from stablerep_ray.training.trainer import fit
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -55,9 +56,11 @@ def knn_top1(model: torch.nn.Module, image_size: int, size: int) -> float:
     return knn_accuracy(fb, bank_labels, fq, query_labels, k=20, temperature=0.07, num_classes=len(names))
 
 
-def test_training_beats_random_init_on_held_out_knn(tmp_path):
+@pytest.mark.parametrize("config_file", [QUICKSTART, CONFIGS / "synclr-quickstart.yaml"], ids=lambda p: p.stem)
+def test_training_beats_random_init_on_held_out_knn(tmp_path, config_file):
+    """StableRep (the quickstart) and SynCLR (its teacher, as evaluation reports it by default)."""
     config = load_config(
-        QUICKSTART,
+        config_file,
         [
             f"output_dir={tmp_path}",
             "name=learning-test",
@@ -74,7 +77,7 @@ def test_training_beats_random_init_on_held_out_knn(tmp_path):
     # The weights training starts from: rank 0 seeds torch with train.seed before build_model and
     # DDP broadcasts rank 0's parameters, so this is exactly the trained model's initialisation.
     torch.manual_seed(config.train.seed)
-    random_init = build_model(config).eval()
+    random_init = build_model(config, **get_objective(config.train.objective)(config).model_kwargs()).eval()
 
     start = time.perf_counter()
     result = fit(config)

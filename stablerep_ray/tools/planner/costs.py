@@ -95,14 +95,18 @@ def is_sd_family(gen: GeneratorConfig) -> bool:
 
 
 def trainer_tflop(config: Config) -> float | None:
-    """Training TFLOP per encoder input (forward + backward) for timm ViTs; None for others.
+    """Training TFLOP per encoder input for timm ViTs; None for others.
 
-    0.105 for ViT-B/16 at 224 px (the cost model); other ViTs scale it by encoder parameters x tokens
-    (the 6 * params * tokens rule, which gives 0.10 for ViT-B/16).
+    0.105 for one forward + backward of ViT-B/16 at 224 px (the cost model); other ViTs scale it by
+    encoder parameters x tokens (the 6 * params * tokens rule, which gives 0.10 for ViT-B/16); the
+    objective's ``relative_cost`` adds what it runs beyond that (SynCLR: teacher and local crops).
     """
+    from ...training.objectives import get_objective
+
     m = config.model
+    factor = get_objective(config.train.objective).relative_cost(config)
     if m.name == "vit_base_patch16_224" and m.image_size == 224 and not m.kwargs:
-        return VIT_B16_TRAIN_TFLOP
+        return VIT_B16_TRAIN_TFLOP * factor
     if not m.name.startswith(("vit_", "deit_")):
         return None
     import torch
@@ -114,7 +118,7 @@ def trainer_tflop(config: Config) -> float | None:
     params = sum(p.numel() for p in encoder.parameters())
     patch = encoder.patch_embed.patch_size[0]
     tokens = (m.image_size // patch) ** 2 + getattr(encoder, "num_prefix_tokens", 1)
-    return VIT_B16_TRAIN_TFLOP * params / VIT_B16_PARAMS * tokens / VIT_B16_TOKENS
+    return VIT_B16_TRAIN_TFLOP * params / VIT_B16_PARAMS * tokens / VIT_B16_TOKENS * factor
 
 
 def detect_gpu_type(default: str = "H100") -> tuple[str, str]:

@@ -56,6 +56,12 @@ class Objective:
         return f"{cls.views_per_image} views"
 
     @classmethod
+    def relative_cost(cls, config: Config) -> float:
+        """Encoder compute per input relative to one forward + backward at the model's input size (the
+        planner's estimate when nothing was measured; a measured rate runs the step itself)."""
+        return 1.0
+
+    @classmethod
     def check_config(cls, config: Config) -> None:
         """Raise ``ValueError`` naming the key and the fix when the config cannot train this objective."""
         m = config.stream.images_per_group

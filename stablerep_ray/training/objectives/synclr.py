@@ -70,6 +70,15 @@ class SynCLR(Objective):
         return "stream.images_per_group x synclr.global_crops"
 
     @classmethod
+    def relative_cost(cls, config):
+        """Per global crop: its forward + backward (3 units), the teacher's forward (1 unit) and the
+        local crops' forward + backward, scaled by their token count (heads are not counted)."""
+        s, patch = config.synclr, patch_size(config) or 16
+        tokens = (config.model.image_size // patch) ** 2 + 1
+        local_tokens = (s.local_size // patch) ** 2 + 1
+        return 1 + 1 / 3 + s.local_crops / s.global_crops * local_tokens / tokens
+
+    @classmethod
     def check_config(cls, config):
         super().check_config(config)
         s, model = config.synclr, config.model
@@ -141,7 +150,7 @@ class SynCLR(Objective):
 
         s, tau = self.config.synclr, self.config.train.temperature
         crops, mask = inputs.crops, inputs.mask
-        student = forward(crops.global_crops, local_crops=crops.local_crops, mask=mask)
+        student = forward(crops.global_crops, multicrop=True, local_crops=crops.local_crops, mask=mask)
         with torch.no_grad():
             teacher = self.teacher.crop_outputs(crops.global_crops, mask=mask, student=False)
         images_g = inputs.image_ids.repeat(s.global_crops)

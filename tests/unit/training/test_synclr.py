@@ -254,3 +254,53 @@ def test_checkpoint_evaluates_the_teacher_by_default(tmp_path):
     for name, value in teacher.state_dict().items():
         torch.testing.assert_close(value, objective.teacher.state_dict()[name])
     assert any(not torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), student.state_dict().values()))
+
+
+def test_weight_decay_follows_its_cosine_on_the_decayed_group_only():
+    from stablerep_ray.training.optim import weight_decay_at
+
+    config = _config("train.weight_decay=0.04", "train.weight_decay_end=0.2")
+    assert [weight_decay_at(i, config) for i in (0, 5, 10)] == pytest.approx([0.04, 0.12, 0.2])
+    step = _step(config)
+    for i in range(3):
+        step(synthetic_batch(config, config.captions_per_worker_step, seed=i))
+    decayed, plain = step.optimizer.param_groups
+    assert decayed["weight_decay"] == pytest.approx(weight_decay_at(2, config)) and plain["weight_decay"] == 0.0
+
+
+def test_planner_counts_the_teacher_and_local_crops():
+    from repo import CONFIGS
+
+    from stablerep_ray.tools.planner.costs import VIT_B16_TRAIN_TFLOP, trainer_tflop
+
+    config = load_config(CONFIGS / "synclr-vitb16.yaml")
+    # ViT-B/16: 197 tokens per 224 px crop, 37 per 96 px local crop; the teacher forward is 1/3 of a step.
+    assert trainer_tflop(config) == pytest.approx(VIT_B16_TRAIN_TFLOP * (1 + 1 / 3 + 4 * 37 / 197))
+
+
+def test_synclr_sweep_plans_the_stablerep_sweep_trials(tmp_path):
+    from repo import CONFIGS
+
+    from stablerep_ray.sweep.plan import SEED, plan_sweep
+
+    synclr = plan_sweep(load_config(CONFIGS / "sweep-synclr-quickstart.yaml"))
+    stablerep = plan_sweep(load_config(CONFIGS / "sweep-quickstart.yaml"))
+    assert synclr.points == stablerep.points and synclr.steps == stablerep.steps
+    for point in synclr.points:
+        trial = synclr.trial_config({**point, SEED: 0}, tmp_path / "trial")
+        assert trial.train.objective == "synclr" and trial.train.batch_size == stablerep.config.train.batch_size
+        assert trial.stream.images_per_group == point["stream.images_per_group"]
+
+
+@pytest.mark.parametrize("variant", [["synclr.local_crops=0"], ["synclr.ibot_weight=0"],
+                                     ["synclr.local_crops=0", "synclr.ibot_weight=0"],
+                                     ["synclr.global_crops=2", "train.batch_size=64"]])
+def test_every_term_can_be_switched_off_or_scaled(variant):
+    config = _config(*variant)
+    step = _step(config)
+    result = step(synthetic_batch(config, config.captions_per_worker_step))
+    assert torch.isfinite(result.loss)
+    assert ("loss/contrastive_local" in result.metrics) == (config.synclr.local_crops > 0)
+    assert ("loss/ibot" in result.metrics) == (config.synclr.ibot_weight > 0)
+    assert (step.model.patch_head is None) == (config.synclr.ibot_weight == 0)
+    assert len(result.labels) == config.captions_per_worker_step * config.group_size
