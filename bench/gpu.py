@@ -1,32 +1,33 @@
-"""GPU throughput of both sides at paper scale: SD-1.5 generation and ViT-B/16 training.
+"""GPU throughput of both sides at paper scale: text-to-image generation and ViT-B/16 training.
 
-    uv run python -m bench.gpu                          # full sweep (a few minutes on an H100)
-    uv run python -m bench.gpu --compile                # + torch.compile'd UNet / ViT (slow warm-up)
-    uv run python -m bench.gpu --quick                  # batch 8 / 128 only
-    uv run python -m bench.gpu --quick --options        # + each speed option alone vs the default
-    uv run python -m bench.gpu --smoke-cpu              # tiny shapes on CPU: checks the code path only
+    uv run python -m bench.gpu --all                    # everything below in one run (< 8 min on an H100)
+    uv run python -m bench.gpu                          # SD-1.5 batch sweep at 20 and 50 steps + training
+    uv run python -m bench.gpu --families sd15 pixart   # + the PixArt-alpha transformer
+    uv run python -m bench.gpu --quick --options        # batch 8 / 132; each speed option alone vs the default
+    uv run python -m bench.gpu --compile                # + torch.compile'd denoiser / ViT in the sweep
+    uv run python -m bench.gpu --smoke-cpu --all        # tiny shapes on CPU: checks the code path only
 
 Only meaningful on a GPU: without CUDA it prints a message and exits 0 (nothing written).
 
-Generation: the real SD-1.5 architecture (UNet2DConditionModel and AutoencoderKL with SD-1.5's
-configs, random init: no download), 512 px (64x64 latent), classifier-free guidance (both halves in
-one UNet batch), DPM-Solver++ at 20 and 50 steps, bf16, SDPA attention (AttnProcessor2_0),
-channels_last, optional torch.compile (mode max-autotune-no-cudagraphs, as load_pipeline), optional
-VAE slicing, batch-size sweep. The CLIP text encoder is not run (random prompt embeddings: one
-forward per prompt, well under 1 % of the FLOPs) and images are not resized: this is the UNet + VAE
-ceiling of a generator actor. Fraction of peak = images/s x F(S) / peak, with the cost model's
-F(S) = 1.61 S + 2.5 TFLOP per image.
+Generation (bench/gpu_generation.py): real-size random-weight pipelines (SD 1.5's UNet; PixArt-alpha
+512's DiT-XL/2 transformer; SD's VAE), no text encoders (random prompt embeddings), at 512 px with
+classifier-free guidance, DPM-Solver++, bf16 and SDPA attention, through the pipeline's own
+``__call__`` and the actor's speed options and resize. Per family: a batch sweep (images/s, TFLOP/s
+and fraction of bf16 peak from counted FLOPs), then with --options each speed option alone against the
+default at the best batch: fp16, channels_last off, VAE slicing, VAE tiling, torch.compile of the
+denoiser (--compile-mode; ``--all`` uses mode 'default' to bound the warm-up, the actors use
+max-autotune-no-cudagraphs).
 
 Training: the one training step (``TrainStep``, what the train loop runs) for
 configs/paper-vitb16-sd15.yaml: timm ViT-B/16 + 3-layer MLP head, the configured objective (the
 multi-positive loss, m = 6), BatchAugment (uint8 256 px -> 224 px crops on the GPU), bf16 autocast,
 gradient clipping, AdamW; images/s (encoder inputs) and MFU = images/s x 0.105 TFLOP / peak. A
 model-only variant (the same step, its augmentation replaced by a fixed 224 px input) separates the
-augmentation cost.
+augmentation cost. Batches are whole caption groups: 258 = 43 captions x 6.
 
 Peak dense bf16 (TFLOP/s), from torch.cuda.get_device_name(): H100 990, H200 990, A100 312
-(--peak-tflops for other cards). Results go to bench/results/gpu.json, which `stablerep-ray plan`
-uses as its measured rate table.
+(--peak-tflops for other cards). Results go to bench/results/gpu.json (a printed table too), which
+`stablerep-ray plan` uses as its measured rate table (the ``sd15`` and ``vit_b16`` rows).
 """
 
 from __future__ import annotations
@@ -37,34 +38,10 @@ import sys
 import time
 
 from . import common
+from .gpu_generation import FAMILIES, Budget, build, count_tflop, generate_fn, tflop_per_image
 
 MODULE = "bench.gpu"
 PEAKS = {"H100": 990.0, "H200": 990.0, "A100": 312.0}
-
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu",
-    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
-)  # fmt: skip
-SD15_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-    block_out_channels=(128, 256, 512, 512), act_fn="silu", sample_size=512, scaling_factor=0.18215,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-)  # fmt: skip
-# --smoke-cpu: the same code on toy shapes (cross_attention_dim 32, 64 px)
-TINY_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
-)  # fmt: skip
-TINY_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=32,
-    block_out_channels=(32, 64), sample_size=64, scaling_factor=0.18215,
-    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-)  # fmt: skip
 
 
 def peak_for(name: str, override: float | None) -> float | None:
@@ -92,95 +69,18 @@ def timed(fn, device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def oom_guard(fn):
+def guarded(fn):
+    """(result, None), or (None, why) when the point ran out of memory or failed: one point (a compile
+    that breaks the graph, a batch too large) must not cost a GPU session the rest of the run."""
     import torch
 
     try:
         return fn(), None
-    except torch.cuda.OutOfMemoryError as err:  # noqa: PERF203
+    except torch.cuda.OutOfMemoryError as err:
         torch.cuda.empty_cache()
         return None, f"OOM: {str(err).splitlines()[0]}"
-
-
-# -- generation ----------------------------------------------------------------------------------
-def build_sd(device, dtype, smoke: bool, channels_last: bool, compile_unet: bool, vae_slicing: bool):
-    import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**(TINY_UNET if smoke else SD15_UNET)).to(device, dtype).eval()
-    vae = AutoencoderKL(**(TINY_VAE if smoke else SD15_VAE)).to(device, dtype).eval()
-    unet.set_attn_processor(AttnProcessor2_0())  # SDPA (flash / memory-efficient kernels)
-    vae.set_attn_processor(AttnProcessor2_0())
-    if channels_last:
-        unet.to(memory_format=torch.channels_last)
-        vae.to(memory_format=torch.channels_last)
-    if vae_slicing:
-        vae.enable_slicing()
-    if compile_unet:
-        unet = torch.compile(unet, mode="max-autotune-no-cudagraphs", fullgraph=True)
-    scheduler = DPMSolverMultistepScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1, algorithm_type="dpmsolver++",
-    )
-    return unet, vae, scheduler
-
-
-def generate_fn(unet, vae, scheduler, batch: int, steps: int, resolution: int, dtype, device,
-                channels_last: bool, context_dim: int, guidance: float = 2.0):
-    import torch
-
-    latent = resolution // 8
-    prompt = torch.randn(2 * batch, 77, context_dim, device=device, dtype=dtype)  # [uncond; cond]
-
-    @torch.inference_mode()
-    def run():
-        scheduler.set_timesteps(steps, device=device)
-        latents = torch.randn(batch, 4, latent, latent, device=device, dtype=dtype) * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            uncond, cond = unet(x, t, encoder_hidden_states=prompt, return_dict=False)[0].chunk(2)
-            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents, return_dict=False)[0]
-        images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-        return (images.float().clamp(-1, 1) * 127.5 + 127.5).to(torch.uint8)  # as the pipeline's output
-
-    return run
-
-
-def measure_generation(unet, vae, scheduler, *, batch: int, steps: int, args, device, dtype, peak,
-                       channels_last: bool, compiled: bool, vae_slicing: bool) -> dict:
-    """One point: images/s of UNet + VAE at this batch and step count, and its fraction of peak."""
-    import torch
-
-    from stablerep_ray.tools.planner import generation_tflop
-
-    resolution = 64 if args.smoke_cpu else 512
-    context = 32 if args.smoke_cpu else 768
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    fn = generate_fn(unet, vae, scheduler, batch, steps, resolution, dtype, device, channels_last, context)
-    seconds, error = oom_guard(lambda: timed(fn, device, warmup=2 if compiled else 1, iters=args.iters))
-    row = {"steps": steps, "batch": batch, "resolution": resolution, "guidance": True, "compile": compiled,
-           "channels_last": channels_last, "vae_slicing": vae_slicing, "dtype": str(dtype).removeprefix("torch.")}
-    if error:
-        row["error"] = error
-    else:
-        f = generation_tflop(steps, resolution)
-        row.update(images_per_s=batch / seconds, seconds_per_batch=seconds, image_steps_per_s=batch * steps / seconds,
-                   tflops=batch / seconds * f, fraction_of_peak=batch / seconds * f / peak if peak else None)
-    if device.type == "cuda":
-        row["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    frac = row.get("fraction_of_peak")
-    print(f"  SD-1.5 {steps:2d} steps batch {batch:3d} compile={compiled!s:5} {row['dtype']} "
-          f"channels_last={channels_last!s:5} vae_slicing={vae_slicing!s:5}: "
-          + (row["error"] if error else
-             f"{row['images_per_s']:7.2f} images/s, {row['tflops']:6.1f} TFLOP/s"
-             + (f" = {frac:.1%} of peak" if frac is not None else "")
-             + (f", {row['max_memory_gib']:.1f} GiB" if "max_memory_gib" in row else "")), flush=True)
-    return row
+    except Exception as err:  # noqa: BLE001 - recorded in the row and printed
+        return None, f"failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
 
 
 def _release(device) -> None:
@@ -193,19 +93,70 @@ def _release(device) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_generation(args, device, dtype, peak) -> list[dict]:
-    rows = []
-    channels_last = not args.no_channels_last
+# -- generation ----------------------------------------------------------------------------------
+def measure_generation(pipe, key: str, *, batch: int, steps: int, args, device, peak, flops: dict, options,
+                       budget: Budget) -> dict:
+    """One point: images/s of one generator call of ``batch`` images and its fraction of peak."""
+    import torch
+
+    resolution = 64 if args.smoke_cpu else 512
+    row = {"family": key, "steps": steps, "batch": batch, "resolution": resolution, "guidance": True,
+           "compile": options.compile, "channels_last": options.channels_last, "vae_slicing": options.vae_slicing,
+           "vae_tiling": options.vae_tiling, "dtype": options.dtype}
+    if budget.spent():
+        return {**row, "error": f"skipped: past the {budget.seconds:.0f} s budget"}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    fn = generate_fn(pipe, FAMILIES[key], batch=batch, steps=steps, resolution=resolution, device=device,
+                     smoke=args.smoke_cpu)
+    seconds, error = guarded(lambda: timed(fn, device, warmup=2 if options.compile else 1, iters=args.iters))
+    if error:
+        row["error"] = error
+    else:
+        f = tflop_per_image(flops, steps)
+        rate = batch / seconds
+        row.update(images_per_s=rate, seconds_per_batch=seconds, image_steps_per_s=rate * steps, tflop_per_image=f,
+                   tflops=rate * f, fraction_of_peak=rate * f / peak if peak else None)
+    if device.type == "cuda":
+        row["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    frac = row.get("fraction_of_peak")
+    print(f"  {FAMILIES[key].label} {steps:2d} steps batch {batch:3d} compile={options.compile!s:5} {options.dtype} "
+          f"channels_last={options.channels_last!s:5} vae_slicing={options.vae_slicing!s:5} "
+          f"vae_tiling={options.vae_tiling!s:5}: "
+          + (row["error"] if "error" in row else
+             f"{row['images_per_s']:7.2f} images/s, {row['tflops']:6.1f} TFLOP/s"
+             + (f" = {frac:.1%} of peak" if frac is not None else "")
+             + (f", {row['max_memory_gib']:.1f} GiB" if "max_memory_gib" in row else "")), flush=True)
+    return row
+
+
+def default_options(args, **change):
+    """The actor's speed settings (a GeneratorConfig) for this run, with ``change`` applied."""
+    from stablerep_ray.config import GeneratorConfig
+
+    settings = {"dtype": "fp32" if args.smoke_cpu else args.dtype, "channels_last": not args.no_channels_last,
+                "vae_slicing": args.vae_slicing}
+    return GeneratorConfig(**{**settings, **change})
+
+
+def bench_family(key: str, args, device, peak, budget: Budget) -> dict:
+    """The batch sweep of one family (and its FLOP count, on the first, uncompiled build)."""
+    family, rows, flops = FAMILIES[key], [], None
+    resolution = 64 if args.smoke_cpu else 512
     for compiled in ([False, True] if args.compile else [False]):
-        unet, vae, scheduler = build_sd(device, dtype, args.smoke_cpu, channels_last, compiled, args.vae_slicing)
+        options = default_options(args, compile=compiled)
+        pipe = build(family, device, options, args.smoke_cpu, args.compile_mode)
+        if flops is None:
+            flops = count_tflop(pipe, family, resolution, device, args.smoke_cpu)
+            print(f"  {family.label}: {flops['tflop_per_step']:.3g} TFLOP per guided step, "
+                  f"{flops['tflop_decode']:.3g} per VAE decode (counted, per image)", flush=True)
         for steps in args.steps:
             for batch in args.gen_batches:
-                rows.append(measure_generation(unet, vae, scheduler, batch=batch, steps=steps, args=args,
-                                               device=device, dtype=dtype, peak=peak, channels_last=channels_last,
-                                               compiled=compiled, vae_slicing=args.vae_slicing))
-        del unet, vae
+                rows.append(measure_generation(pipe, key, batch=batch, steps=steps, args=args, device=device,
+                                               peak=peak, flops=flops, options=options, budget=budget))
+        del pipe
         _release(device)
-    return rows
+    return {"rows": rows, "flops": flops}
 
 
 # Each generator speed option alone against the default (bf16, SDPA, channels_last, batched VAE decode).
@@ -214,29 +165,25 @@ OPTIONS = [
     ("fp16", {"dtype": "fp16"}),
     ("no channels_last", {"channels_last": False}),
     ("VAE slicing", {"vae_slicing": True}),
-    ("torch.compile", {"compiled": True}),
+    ("VAE tiling", {"vae_tiling": True}),
+    ("torch.compile", {"compile": True}),
 ]
+GPU_ONLY = {"dtype", "channels_last", "compile"}  # the actor applies these on a GPU only
 
 
-def bench_options(args, device, peak) -> list[dict]:
+def bench_options(key: str, args, device, peak, flops: dict, batch: int, budget: Budget) -> list[dict]:
     """One option changed at a time, same steps and batch: what each option is worth on this GPU."""
-    import torch
-
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     rows = []
     for label, change in OPTIONS:
-        if change.get("dtype") and args.smoke_cpu:
-            continue  # CPU half-precision convolutions say nothing about a GPU
-        opts = {"dtype": "fp32" if args.smoke_cpu else "bf16", "channels_last": True, "vae_slicing": False,
-                "compiled": False, **change}
-        dtype = dtypes[opts["dtype"]]
-        unet, vae, scheduler = build_sd(device, dtype, args.smoke_cpu, opts["channels_last"], opts["compiled"],
-                                        opts["vae_slicing"])
-        row = measure_generation(unet, vae, scheduler, batch=args.options_batch, steps=args.steps[0], args=args,
-                                 device=device, dtype=dtype, peak=peak, channels_last=opts["channels_last"],
-                                 compiled=opts["compiled"], vae_slicing=opts["vae_slicing"])
-        rows.append({"option": label, **row})
-        del unet, vae
+        if args.smoke_cpu and GPU_ONLY & change.keys():
+            continue  # on a CPU the actor does not apply it (and half-precision CPU kernels say nothing)
+        options = default_options(args, **{"dtype": "fp32" if args.smoke_cpu else "bf16", "channels_last": True,
+                                           "vae_slicing": False, **change})
+        pipe = None if budget.spent() else build(FAMILIES[key], device, options, args.smoke_cpu, args.compile_mode)
+        row = measure_generation(pipe, key, batch=batch, steps=args.steps[0], args=args, device=device, peak=peak,
+                                 flops=flops, options=options, budget=budget)
+        rows.append({"option": label + (f" (mode {args.compile_mode})" if "compile" in change else ""), **row})
+        del pipe
         _release(device)
     base = rows[0].get("images_per_s")
     for row in rows:
@@ -289,7 +236,7 @@ def bench_training(args, device, peak) -> list[dict]:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 run = functools.partial(step, data)
-                seconds, error = oom_guard(functools.partial(timed, run, device, 3 if compiled else 2, args.iters * 3))
+                seconds, error = guarded(functools.partial(timed, run, device, 3 if compiled else 2, args.iters * 3))
                 row = {"variant": variant, "batch": batch, "compile": compiled, "image_size": size, "dtype": dtype}
                 if error:
                     row["error"] = error
@@ -313,11 +260,17 @@ def bench_training(args, device, peak) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--all", action="store_true",
+                        help="SD-1.5 and PixArt at 20 steps (batch sweep, each option alone at the best batch) and "
+                             "the ViT-B/16 step at batch 258, within --budget-s")
+    parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=["sd15"])
     parser.add_argument("--steps", type=int, nargs="+", default=[20, 50])
     parser.add_argument("--gen-batches", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--train-batches", type=int, nargs="+", default=[66, 132, 258])
     parser.add_argument("--iters", type=int, default=3, help="timed generator batches per point")
-    parser.add_argument("--compile", action="store_true", help="also run with torch.compile (minutes of warm-up)")
+    parser.add_argument("--compile", action="store_true", help="also sweep with torch.compile (minutes of warm-up)")
+    parser.add_argument("--compile-mode", help="torch.compile mode (default: the actors' max-autotune-no-cudagraphs; "
+                                               "'default' with --all)")
     parser.add_argument("--vae-slicing", action="store_true", help="decode one image at a time")
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
@@ -327,18 +280,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="batch 8 (generation) and 132 (training) only")
     parser.add_argument("--options", action="store_true",
                         help="also each speed option alone vs the default (fp16, channels_last off, VAE slicing, "
-                             "torch.compile) at the first --steps and --options-batch")
-    parser.add_argument("--options-batch", type=int, default=8)
+                             "VAE tiling, torch.compile) at the first --steps and --options-batch")
+    parser.add_argument("--options-batch", type=int, default=8, help="(--all: each family's best sweep batch)")
+    parser.add_argument("--budget-s", type=float,
+                        help="skip measurements that would start after this many seconds (--all: 360, so that a "
+                             "compile started just before it still ends within about 8 min)")
     parser.add_argument("--smoke-cpu", action="store_true",
                         help="toy shapes on CPU, to check the script (writes gpu-smoke.json, not gpu.json)")
     args = parser.parse_args(argv)
 
     import torch
 
+    from stablerep_ray.generation.diffusion import COMPILE_MODE
+    from stablerep_ray.tools.planner import generation_tflop
+
+    if args.all:
+        args.families, args.steps, args.train_batches, args.options = sorted(FAMILIES, reverse=True), [20], [258], True
+        args.compile_mode = args.compile_mode or "default"
+        args.budget_s = args.budget_s or 360.0
+    args.compile_mode = args.compile_mode or COMPILE_MODE
     if args.quick:
         args.gen_batches, args.train_batches = [8], [132]
     if args.smoke_cpu:
-        device, dtype, name = torch.device("cpu"), torch.float32, "cpu (smoke test: toy shapes)"
+        device, name = torch.device("cpu"), "cpu (smoke test: toy shapes)"
         args.steps, args.gen_batches, args.train_batches, args.iters = [2], [1, 2], [12], 1
     elif not torch.cuda.is_available():
         print("bench.gpu: no CUDA device here (torch.cuda.is_available() is False). This benchmark measures "
@@ -346,47 +310,69 @@ def main(argv: list[str] | None = None) -> int:
               "with --smoke-cpu. Nothing was measured or written.")
         return 0
     else:
-        device, dtype = torch.device("cuda"), {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        name = torch.cuda.get_device_name(0)
+        device, name = torch.device("cuda"), torch.cuda.get_device_name(0)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     peak = None if args.smoke_cpu else peak_for(name, args.peak_tflops)
+    budget = Budget(args.budget_s)
     print(f"device: {name}; bf16 peak {peak or 'unknown (use --peak-tflops)'} TFLOP/s", flush=True)
-    gen_rows = [] if args.skip_generation else bench_generation(args, device, dtype, peak)
-    option_rows = bench_options(args, device, peak) if args.options else []
+    families = {} if args.skip_generation else {k: bench_family(k, args, device, peak, budget) for k in args.families}
     train_rows = [] if args.skip_training else bench_training(args, device, peak)
+    for key, result in families.items():
+        best_row = best(result["rows"], steps=args.steps[0])
+        batch = best_row["batch"] if args.all and best_row else args.options_batch
+        result["options"] = []
+        if args.options:
+            result["options"] = bench_options(key, args, device, peak, result["flops"], batch, budget)
 
-    def best(rows, **match):
-        rows = [r for r in rows if "images_per_s" in r and all(r.get(k) == v for k, v in match.items())]
-        return max(rows, key=lambda r: r["images_per_s"]) if rows else None
-
-    summary = {"device": name, "peak_bf16_tflops": peak, "sd15": gen_rows, "sd15_options": option_rows,
+    summary = {"device": name, "peak_bf16_tflops": peak, "families": args.families,
+               "budget": {"seconds": args.budget_s, "elapsed": budget.elapsed()},
+               **{key: r["rows"] for key, r in families.items()},
+               **{f"{key}_options": r["options"] for key, r in families.items()},
+               "flops": {key: r["flops"] for key, r in families.items()},
                "vit_b16": [r for r in train_rows if r["variant"] == "train_step"],
                "vit_b16_model_only": [r for r in train_rows if r["variant"] == "model_only"],
                "versions": {"torch": torch.__version__, "cuda": torch.version.cuda}}
     path = common.write_result("gpu-smoke" if args.smoke_cpu else "gpu", summary, MODULE)
-    print(f"\ncommand: {common.command_line(MODULE)}")
-    for steps in args.steps:
-        b = best(gen_rows, steps=steps)
-        if b:
-            frac = f", {b['fraction_of_peak']:.1%} of bf16 peak" if b.get("fraction_of_peak") is not None else ""
-            print(f"  SD-1.5 512 px, {steps} steps, CFG: best {b['images_per_s']:.2f} images/s per GPU "
-                  f"(batch {b['batch']}, compile={b['compile']}){frac}")
-    b = best(summary["vit_b16"])
-    if b:
-        mfu = f", MFU {b['mfu']:.1%}" if b.get("mfu") is not None else ""
-        print(f"  ViT-B/16 train step (TrainStep: augment + fwd + bwd + AdamW): best {b['images_per_s']:.1f} "
-              f"images/s per GPU (batch {b['batch']}){mfu}")
-    for row in option_rows:
-        print(f"  option {row['option']:<16}: " + (row.get("error") or f"{row['images_per_s']:.2f} images/s, "
-                                                  f"x{row['vs_default']:.2f} vs default"))
-    g20, t = best(gen_rows, steps=20), b
-    if g20 and t:
-        print(f"  -> measured generator GPUs per trainer GPU at n = m, R = 9: "
-              f"{t['images_per_s'] / (g20['images_per_s'] * 9):.1f} (cost model at equal utilisation: ~37)")
+    print(f"\ncommand: {common.command_line(MODULE)}  ({budget.elapsed():.0f} s)")
+    print_table(summary, families, args, generation_tflop)
     print(f"wrote {path}")
     return 0
+
+
+def best(rows, **match):
+    rows = [r for r in rows if "images_per_s" in r and all(r.get(k) == v for k, v in match.items())]
+    return max(rows, key=lambda r: r["images_per_s"]) if rows else None
+
+
+def print_table(summary: dict, families: dict, args, generation_tflop) -> None:
+    """The run's result in one table: best batch per family and steps, each option, the training step."""
+
+    def line(what, row, peak_key="fraction_of_peak", tflop=True, vs=""):
+        if "images_per_s" not in row:
+            return print(f"{what:<52} {row['batch']:>5} {row.get('error')}")
+        frac = row.get(peak_key)
+        print(f"{what:<52} {row['batch']:>5} {row['images_per_s']:>9.2f} "
+              f"{row['tflop_per_image'] if tflop else '':>9.4} {'-' if frac is None else f'{frac:.1%}':>8} {vs:>10}")
+
+    print(f"{'what':<52} {'batch':>5} {'images/s':>9} {'TFLOP/img':>9} {'of peak':>8} {'vs default':>10}")
+    for key, result in families.items():
+        label = FAMILIES[key].label
+        for steps in args.steps:
+            if b := best(result["rows"], steps=steps):
+                line(f"{label}, {b['resolution']} px, {steps} steps, CFG: best batch", b)
+        for row in result["options"]:
+            line(f"{label} option: {row['option']}", row, vs=f"x{row['vs_default']:.2f}" if "vs_default" in row else "")
+    if "sd15" in families and not args.smoke_cpu:
+        counted = tflop_per_image(families["sd15"]["flops"], 20)
+        print(f"  SD-1.5 F(20) counted {counted:.1f} TFLOP per image; cost model {generation_tflop(20, 512):.1f}")
+    if t := best(summary["vit_b16"]):
+        line("ViT-B/16 train step (augment+fwd+bwd+AdamW), MFU", t, peak_key="mfu", tflop=False)
+    g20 = best(summary.get("sd15", []), steps=20)
+    if g20 and t:
+        print(f"  -> measured SD-1.5 generator GPUs per trainer GPU at n = m, R = 9: "
+              f"{t['images_per_s'] / (g20['images_per_s'] * 9):.1f} (cost model at equal utilisation: ~37)")
 
 
 if __name__ == "__main__":

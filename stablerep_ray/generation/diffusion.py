@@ -1,13 +1,16 @@
-"""The diffusers backend: any Stable Diffusion text-to-image pipeline loaded with ``from_pretrained``.
+"""The diffusers backend: any diffusers text-to-image pipeline loaded with ``from_pretrained``.
 
-Each actor loads its pipeline once and renders ``captions_per_call x n`` images per call. Image j of
-the row at source position p is drawn from its own torch.Generator seeded with ``image_seed(base, p, j)``,
-so the same configuration regenerates the same images whatever actor, block or batch a row lands in.
+UNet (SD 1.x/2.x, SDXL) and transformer (PixArt, SD3, Sana, Flux) denoisers with one or several
+text encoders take the same path. Each actor loads its pipeline once, gives it the settings its
+model needs where the config left the schema defaults (``pipelines.model_settings``, logged), and
+renders ``captions_per_call x n`` images per call. Image j of the row at source position p is drawn
+from its own torch.Generator seeded with ``image_seed(base, p, j)``, so the same configuration
+regenerates the same images whatever actor, block or batch a row lands in.
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 import logging
 from pathlib import Path
 
@@ -17,6 +20,14 @@ import torch
 from ..config import ConfigError, GeneratorConfig
 from ..precision import resolve_dtype
 from .backends import image_seed
+from .pipelines import (
+    check_pipeline_path,
+    check_scheduler,
+    check_text_to_image,
+    is_component,
+    model_settings,
+    read_json_object,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -27,70 +38,65 @@ SCHEDULERS = {
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
 }
+COMPILE_MODE = "max-autotune-no-cudagraphs"
+# Call arguments that make an image depend on the config alone, where a pipeline takes them: exactly
+# the requested square size (PixArt/Sana would otherwise generate at the nearest trained aspect bin
+# and resize), and captions as written (their caption cleaning depends on optional packages).
+FIXED_CALL_ARGS = {"use_resolution_binning": False, "clean_caption": False}
 
 
-def check_pipeline_path(model: str) -> None:
-    """Fail fast on a local model path that is missing or is not a diffusers text-to-image pipeline."""
-    path = Path(model).expanduser()
-    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
-    if not looks_local:
-        return  # a hub id: checked when the actor loads it
-    index = path / "model_index.json"
-    if not path.is_dir():
-        raise ConfigError(
-            f"generator.model: {model} does not exist; give a diffusers pipeline directory or hub id "
-            f"(or build one offline with `stablerep-ray make-tiny-pipeline {model}`)"
+def denoiser(pipe) -> tuple[str, torch.nn.Module]:
+    """The pipeline's denoiser and its attribute name: ``unet`` or ``transformer``."""
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            return name, module
+    raise ConfigError(f"generator.model: {type(pipe).__name__} has no unet or transformer denoiser")
+
+
+def native_resolution(pipe) -> int | None:
+    """The pixel size the model was trained at: its latent sample size x the VAE's scale factor."""
+    size = getattr(pipe, "default_sample_size", None) or denoiser(pipe)[1].config.get("sample_size")
+    scale = getattr(pipe, "vae_scale_factor", None)
+    return size * scale if isinstance(size, int) and isinstance(scale, int) else None
+
+
+def call_args(pipe) -> dict:
+    """``FIXED_CALL_ARGS`` that this pipeline's ``__call__`` accepts."""
+    accepted = inspect.signature(pipe.__call__).parameters
+    return {k: v for k, v in FIXED_CALL_ARGS.items() if k in accepted}
+
+
+def settle_config(pipe, cfg: GeneratorConfig) -> GeneratorConfig:
+    """``cfg`` with the model's own settings where it left schema defaults (logged); refuses a loaded
+    pipeline that is not text-to-image or whose scheduler the configured sampler cannot replace."""
+    pipeline_class = type(pipe).__name__
+    check_text_to_image(cfg.model, pipeline_class, [n for n, c in pipe.components.items() if c is not None])
+    scheduler = dict(pipe.scheduler.config)
+    defaults = {k: p.default for k, p in inspect.signature(pipe.__call__).parameters.items()}
+    changes = model_settings(cfg, pipeline_class, scheduler, native_resolution(pipe), defaults)
+    if changes:
+        was = ", ".join(f"{k} {getattr(cfg, k)!r} -> {v!r}" for k, v in changes.items())
+        logger.warning(
+            "generator: %s (%s) runs with its own settings where the config left the defaults: %s "
+            "(generator.model_defaults=false keeps the config as written)", cfg.model, pipeline_class, was,
         )
-    if not index.is_file():
-        raise ConfigError(
-            f"generator.model: {model} has no model_index.json, so it is not a diffusers pipeline "
-            f"directory; point it at a pipeline saved with save_pretrained"
-        )
-    components = _model_index(index)
-    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in components]
-    if missing or "Img2Img" in components.get("_class_name", "") or "Inpaint" in components.get(
-        "_class_name", ""
-    ):
-        raise ConfigError(
-            f"generator.model: {model} holds a {components.get('_class_name')} without "
-            f"{', '.join(missing) or 'a text-to-image entry point'}; a Stable Diffusion text-to-image "
-            f"pipeline is needed"
-        )
-    absent = [c for c, v in components.items() if _is_component(c, v) and not (path / c).is_dir()]
-    if absent:
-        raise ConfigError(
-            f"generator.model: {model} lists {', '.join(absent)} in model_index.json but has no "
-            f"{'/, '.join(absent)}/ folder; the download or copy is incomplete, fetch the whole pipeline"
-        )
-
-
-def _model_index(index: Path) -> dict:
-    """The parsed model_index.json of a local pipeline (a JSON object), or a ConfigError."""
-    try:
-        components = json.loads(index.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as err:
-        raise ConfigError(
-            f"generator.model: {index} is not valid JSON ({err}); the download or copy is incomplete, "
-            f"fetch the pipeline again"
-        ) from None
-    if not isinstance(components, dict):
-        raise ConfigError(f"generator.model: {index} is not a JSON object; fetch the pipeline again")
-    return components
-
-
-def _is_component(name: str, value) -> bool:
-    """A model_index.json entry that save_pretrained wrote to its own subfolder (not a null slot)."""
-    return not name.startswith("_") and isinstance(value, list) and any(v is not None for v in value)
+        cfg = cfg.model_copy(update=changes)
+    check_scheduler(cfg.scheduler, scheduler, type(pipe.scheduler).__name__, pipeline_class)
+    return cfg
 
 
 def load_pipeline(cfg: GeneratorConfig):
-    """``from_pretrained`` + scheduler swap + the speed options that apply to this device."""
+    """``from_pretrained`` + the model's settings + scheduler swap + the speed options for this device.
+
+    Returns (pipeline, device, the config it runs with)."""
     import diffusers
     from diffusers import DiffusionPipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device)
-    pipe = DiffusionPipeline.from_pretrained(cfg.model, torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(cfg.model, dtype=dtype)
+    cfg = settle_config(pipe, cfg)
     if cfg.scheduler != "pipeline":
         cls_name, extra = SCHEDULERS[cfg.scheduler]
         pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
@@ -103,15 +109,28 @@ def load_pipeline(cfg: GeneratorConfig):
         )
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
+    apply_speed_options(pipe, cfg, device)
+    return pipe, device, cfg
+
+
+def apply_speed_options(pipe, cfg: GeneratorConfig, device: torch.device, compile_mode: str = COMPILE_MODE) -> None:
+    """channels_last (a UNet and the VAE: the convolutional parts), torch.compile of the denoiser (GPU
+    only), VAE slicing and tiling; ``bench.gpu`` measures each through this same function."""
+    name, module = denoiser(pipe)
     if device.type == "cuda":
         if cfg.channels_last:
-            pipe.unet.to(memory_format=torch.channels_last)
-            pipe.vae.to(memory_format=torch.channels_last)
+            for conv_net in ([module] if name == "unet" else []) + [pipe.vae]:
+                conv_net.to(memory_format=torch.channels_last)
         if cfg.compile:
-            pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=True)
-    if cfg.vae_slicing:
-        pipe.vae.enable_slicing()
-    return pipe, device
+            setattr(pipe, name, torch.compile(module, mode=compile_mode, fullgraph=True))
+    for option, enable in (("vae_slicing", pipe.vae.enable_slicing), ("vae_tiling", pipe.vae.enable_tiling)):
+        if getattr(cfg, option):
+            try:
+                enable()
+            except NotImplementedError:
+                raise ConfigError(
+                    f"generator.{option}: {type(pipe.vae).__name__} does not support it; set it to false"
+                ) from None
 
 
 def to_stored_uint8(images: torch.Tensor, size: int) -> np.ndarray:
@@ -132,16 +151,29 @@ class DiffusersGenerator:
 
     @staticmethod
     def preflight(config: GeneratorConfig) -> None:
-        check_pipeline_path(config.model)
+        check_pipeline_path(config)
 
     @staticmethod
     def tokenizer_source(config: GeneratorConfig) -> tuple[str, str | None]:
-        """Where StableRep+ finds this backend's tokenizer: the pipeline's ``tokenizer/``."""
-        return config.model, "tokenizer"
+        """Where StableRep+ finds this backend's tokenizer: the pipeline's first CLIP tokenizer
+        (``tokenizer/`` unless a local model_index.json lists others: PixArt has only a T5 one)."""
+        index = Path(config.model).expanduser() / "model_index.json"
+        tokenizers = {c: v[-1] for c, v in (read_json_object(index) if index.is_file() else {}).items()
+                      if c.startswith("tokenizer") and is_component(c, v)}
+        if not tokenizers:
+            return config.model, "tokenizer"
+        clip = [c for c, cls in sorted(tokenizers.items()) if "CLIP" in str(cls)]
+        if not clip:
+            raise ConfigError(
+                f"model.text.tokenizer: empty, and {config.model} has no CLIP tokenizer to take (it has "
+                f"{', '.join(map(str, tokenizers.values()))}); set model.text.tokenizer to a CLIP tokenizer "
+                f"directory or hub id"
+            )
+        return config.model, clip[0]
 
     def __init__(self, config: GeneratorConfig):
-        self.cfg = config
-        self.pipe, self.device = load_pipeline(config)
+        self.pipe, self.device, self.cfg = load_pipeline(config)
+        self.call_args = call_args(self.pipe)
         self.dropped = 0  # images flagged by the safety checker
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -163,6 +195,7 @@ class DiffusersGenerator:
                 height=cfg.resolution,
                 width=cfg.resolution,
                 output_type="pt",
+                **self.call_args,
             )
         # (B*n, 3, H, W) float in [0, 1], caption-major (diffusers repeats each prompt n times).
         images = to_stored_uint8(out.images, cfg.output_size)

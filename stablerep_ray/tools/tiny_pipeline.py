@@ -1,18 +1,29 @@
-"""Build a small, randomly initialised Stable Diffusion pipeline and save it with ``save_pretrained``.
+"""Build small, randomly initialised text-to-image pipelines and save them with ``save_pretrained``.
 
 Offline machines (CI, laptops, air-gapped clusters) cannot download a checkpoint, but the project must
-still exercise the very ``from_pretrained(dir)`` path a real checkpoint takes. This builds the same
-component classes as SD 1.5 (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer) at a
-toy size. Its images do not depend on the caption in any useful way: use the simulator backend to see
-learning offline.
+still exercise the very ``from_pretrained(dir)`` path a real checkpoint takes. Each family here has
+the component classes of its real model at a toy size:
+
+- ``sd15``: SD 1.5 (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer);
+- ``sdxl``: SDXL (two CLIP text encoders, the second with a projection; a UNet with SDXL's size and
+  crop embeddings);
+- ``pixart``: PixArt-alpha (PixArtTransformer2DModel, a T5 encoder and tokenizer);
+- ``sd3``: SD3 (SD3Transformer2DModel, two CLIP encoders and a T5, a 16-channel VAE, flow matching).
+
+Tokenizers are built from code (byte-level CLIP BPE, a character T5 unigram), so nothing is
+downloaded. The images do not depend on the caption in any useful way: use the simulator backend to
+see learning offline.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
+
+FAMILIES = ("sd15", "sdxl", "pixart", "sd3")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -46,56 +57,140 @@ def write_tiny_clip_tokenizer(directory: str | Path, model_max_length: int = 77)
     return directory
 
 
-def make_tiny_pipeline(directory: str | Path, seed: int = 0, sample_size: int = 32) -> Path:
-    """Save a tiny SD-architecture text-to-image pipeline to ``directory``; returns the directory.
+def tiny_t5_tokenizer(model_max_length: int = 512):
+    """A T5 unigram tokenizer over printable ASCII characters (with and without the word-start mark),
+    built in memory: T5's special tokens and framing, no sentencepiece model file."""
+    from transformers import T5Tokenizer
 
-    ``sample_size`` is the latent size: images are ``8 * sample_size`` pixels by default.
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -3.5) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def make_tiny_pipeline(directory: str | Path, seed: int = 0, sample_size: int = 32, family: str = "sd15") -> Path:
+    """Save a tiny ``family`` text-to-image pipeline to ``directory``; returns the directory.
+
+    ``sample_size`` is the denoiser's nominal latent size; with the two-level VAE (scale factor 2)
+    the pipeline's native resolution is ``2 * sample_size`` pixels (64 by default).
     """
-    from diffusers import (
-        AutoencoderKL,
-        DPMSolverMultistepScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
+    builders = {"sd15": _sd15, "sdxl": _sdxl, "pixart": _pixart, "sd3": _sd3}
+    if family not in builders:
+        raise ValueError(f"family {family!r}: choose one of {', '.join(FAMILIES)}")
     directory = Path(directory)
     torch.manual_seed(seed)
-    blocks = {"block_out_channels": (32, 64), "norm_num_groups": 32}  # two small levels, both models
-    unet = UNet2DConditionModel(
-        **blocks, sample_size=sample_size, layers_per_block=1, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8,
-    )
-    vae = AutoencoderKL(
-        **blocks, sample_size=sample_size * 8, in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    )
-    tokenizer_dir = write_tiny_clip_tokenizer(directory / "_tokenizer_build")
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    scheduler = DPMSolverMultistepScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1,
-    )
-    pipeline = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(directory)
-    for leftover in sorted((directory / "_tokenizer_build").iterdir()):
-        leftover.unlink()
-    (directory / "_tokenizer_build").rmdir()
+    with tempfile.TemporaryDirectory() as scratch:
+        from transformers import CLIPTokenizer
+
+        clip_tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(scratch))
+        builders[family](clip_tokenizer, sample_size).save_pretrained(directory)
     return directory
+
+
+_BLOCKS = {"block_out_channels": (32, 64), "norm_num_groups": 32}  # two small levels: UNets and VAEs
+
+
+def _vae(latent_channels: int = 4, **extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        **_BLOCKS, in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, **extra,
+    )
+
+
+def _unet(sample_size: int, cross_attention_dim: int, **extra):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        **_BLOCKS, sample_size=sample_size, layers_per_block=1, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, **extra,
+    )
+
+
+def _clip(tokenizer, projection: bool = False):
+    """A two-layer CLIP text encoder, 32 wide; ``projection`` adds the pooled projection (SDXL, SD3)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _t5(tokenizer, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    ))
+
+
+def _ddpm_schedule() -> dict:
+    """SD's noise schedule (scaled-linear betas, 1000 steps)."""
+    return {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+            "steps_offset": 1}
+
+
+def _sd15(tokenizer, sample_size: int):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        unet=_unet(sample_size, 32), vae=_vae(), text_encoder=_clip(tokenizer), tokenizer=tokenizer,
+        scheduler=DPMSolverMultistepScheduler(**_ddpm_schedule()), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _sdxl(tokenizer, sample_size: int):
+    """SDXL: the UNet attends to both encoders' states (32 + 32) and embeds the second's pooled
+    projection (32) with six size/crop numbers (6 x 8)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    unet = _unet(sample_size, 64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=32 + 6 * 8)
+    return StableDiffusionXLPipeline(
+        unet=unet, vae=_vae(), text_encoder=_clip(tokenizer), text_encoder_2=_clip(tokenizer, projection=True),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=EulerDiscreteScheduler(**_ddpm_schedule()),
+        add_watermarker=False,
+    )
+
+
+def _pixart(_clip_tokenizer, sample_size: int):
+    """PixArt-alpha: a DiT with cross-attention to T5 states, learned variance (8 output channels)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    tokenizer = tiny_t5_tokenizer()
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=32, caption_channels=32, sample_size=sample_size, patch_size=2,
+    )
+    return PixArtAlphaPipeline(
+        tokenizer=tokenizer, text_encoder=_t5(tokenizer, 32), vae=_vae(), transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+
+
+def _sd3(tokenizer, sample_size: int):
+    """SD3: a joint-attention transformer over the two CLIPs' states (32 + 32, as wide as T5's 64, so
+    SD3's zero-padding to T5's width is a no-op) and T5's, pooled CLIP projections (32 + 32), a
+    16-channel VAE, flow-matching Euler sampling."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    t5_tokenizer = tiny_t5_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=sample_size,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(16, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=_clip(tokenizer, projection=True), tokenizer=tokenizer,
+        text_encoder_2=_clip(tokenizer, projection=True), tokenizer_2=tokenizer,
+        text_encoder_3=_t5(t5_tokenizer, 64), tokenizer_3=t5_tokenizer,
+    )

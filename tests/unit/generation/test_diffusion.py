@@ -1,0 +1,70 @@
+"""The diffusers backend on every tiny pipeline family, in-process on CPU: from_pretrained of a saved
+directory, the model's own settings, seeded images, the StableRep+ tokenizer source."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from stablerep_ray.config import ConfigError, GeneratorConfig
+from stablerep_ray.generation.diffusion import DiffusersGenerator, call_args
+from stablerep_ray.tools.tiny_pipeline import FAMILIES, make_tiny_pipeline
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+# (denoiser, scheduler the actor runs with the config's default sampler, call arguments it fixes)
+EXPECTED = {
+    "sd15": ("unet", "DPMSolverMultistepScheduler", {}),
+    "sdxl": ("unet", "DPMSolverMultistepScheduler", {}),
+    "pixart": ("transformer", "DPMSolverMultistepScheduler", {"use_resolution_binning": False, "clean_caption": False}),
+    "sd3": ("transformer", "FlowMatchEulerDiscreteScheduler", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: make_tiny_pipeline(root / family, family=family) for family in FAMILIES}
+
+
+def batch(positions: list[int]) -> dict:
+    captions = ["a red cube", "two blue balls", "a green ring"]
+    return {"caption_id": np.array(positions), "position": np.array(positions),
+            "caption": np.array([captions[p % 3] for p in positions])}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_loads_and_renders_seeded_images(pipelines, family, caplog):
+    config = GeneratorConfig(model=str(pipelines[family]), steps=2, output_size=16, images_per_caption=2)
+    DiffusersGenerator.preflight(config)
+    with caplog.at_level(logging.WARNING, logger="stablerep_ray.generation.diffusion"):
+        generator = DiffusersGenerator(config)
+    denoiser, scheduler, fixed = EXPECTED[family]
+    assert getattr(generator.pipe, denoiser) is not None
+    assert type(generator.pipe.scheduler).__name__ == scheduler
+    assert generator.call_args == call_args(generator.pipe) == fixed
+    # the resolution left at its default became the model's native one (tiny: 2 x sample size), logged
+    assert generator.cfg.resolution == 64 and "resolution 512 -> 64" in caplog.text
+
+    out = generator(batch([5, 6, 9]))  # 6 and 9: the same caption at two source positions
+    images = out["images"]
+    assert images.shape == (3, 2, 16, 16, 3) and images.dtype == np.uint8
+    assert out["num_images"].tolist() == [2, 2, 2]
+    assert not np.array_equal(images[0, 0], images[0, 1]), "different indices, different images"
+    assert not np.array_equal(images[1], images[2]), "a repeated caption gets new images"
+    alone = generator(batch([6]))["images"][0]
+    assert np.abs(alone.astype(int) - images[1].astype(int)).max() <= 2, "an image depends on its position only"
+
+
+def test_flow_matching_pipeline_refuses_a_ddpm_sampler_when_loaded(pipelines):
+    """A hub id cannot be checked before Ray starts: the actor refuses with the same one line."""
+    with pytest.raises(ConfigError, match=r"generator\.scheduler: StableDiffusion3Pipeline samples with "
+                                          r"FlowMatchEulerDiscreteScheduler.*set generator.scheduler=pipeline"):
+        DiffusersGenerator(GeneratorConfig(model=str(pipelines["sd3"]), scheduler="euler", resolution=64))
+
+
+def test_tokenizer_source_is_the_first_clip_tokenizer(pipelines):
+    for family in ("sd15", "sdxl", "sd3"):
+        assert DiffusersGenerator.tokenizer_source(GeneratorConfig(model=str(pipelines[family]))) == (
+            str(pipelines[family]), "tokenizer")
+    with pytest.raises(ConfigError, match=r"model\.text\.tokenizer: .* has no CLIP tokenizer .*T5Tokenizer"):
+        DiffusersGenerator.tokenizer_source(GeneratorConfig(model=str(pipelines["pixart"])))
