@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config
+from .config import SYNTH_SOURCE, Config, ConfigError, load_config
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +17,12 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         help="override a config key, e.g. --set train.steps=100 (repeatable)",
     )
     parser.add_argument("--output-dir", help="override output_dir")
+    _add_verbose_arg(parser)
+
+
+def _add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Ray's own INFO logs and per-operator progress bars")
 
 
 def load_from_args(args: argparse.Namespace) -> Config:
@@ -37,10 +44,17 @@ def preflight(config: Config) -> int:
     check_writable(config.output_dir, "output_dir", remote=False)
     if config.cluster.storage_path:
         check_writable(config.cluster.storage_path, "cluster.storage_path")
-    stats = inspect_captions(config.captions)
-    more = "" if stats.complete else "+ (first rows checked)"
-    print(f"captions: {stats.captions}{more} from {config.captions.source}"
-          + (f", {stats.blanks} blank rows skipped" if stats.blanks else ""))
+    if config.captions.source == SYNTH_SOURCE:
+        from .captions.synth.preview import check_synth
+
+        print(check_synth(config.captions.synth))
+        captions_per_pass = 0  # an endless stream of prompt indices
+    else:
+        stats = inspect_captions(config.captions)
+        more = "" if stats.complete else "+ (first rows checked)"
+        print(f"captions: {stats.captions}{more} from {config.captions.source}"
+              + (f", {stats.blanks} blank rows skipped" if stats.blanks else ""))
+        captions_per_pass = stats.captions
     generator_class(config.generator).preflight(config.generator)
     if config.eval.data:
         from .evaluation import check_data_spec
@@ -48,26 +62,47 @@ def preflight(config: Config) -> int:
         check_data_spec(config.eval.data)
     check_local_fit(config)
     warn_if_unbalanced(config)
-    return stats.captions
+    return captions_per_pass
 
 
 def warn_if_unbalanced(config: Config) -> None:
-    """Say so when the generator/trainer split or the generator call size (by measured or estimated
-    rates) wastes throughput."""
-    from .tools.planner import check_balance, check_call_length, per_unit_rates, rates_for
+    """Say so when the generator/trainer split, the generator call size or the caption-synthesis stage
+    (by measured or estimated rates) wastes throughput."""
+    from .tools.planner import (
+        caption_rate,
+        check_balance,
+        check_call_length,
+        check_caption_supply,
+        consumed_captions_per_s,
+        per_unit_rates,
+        rates_for,
+    )
 
     rates = rates_for(config)
     if not rates:
         return
     actor_rate, worker_rate = per_unit_rates(config, rates)
-    for warning in (check_balance(config, actor_rate, worker_rate), check_call_length(config, actor_rate)):
+    warnings = [check_balance(config, actor_rate, worker_rate), check_call_length(config, actor_rate)]
+    captions = caption_rate(config)
+    if captions:
+        warnings.append(check_caption_supply(config, captions, consumed_captions_per_s(config, actor_rate,
+                                                                                        worker_rate)))
+    for warning in warnings:
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     config = load_from_args(args)  # before the heavy imports: a bad config is refused in a blink
+    from .training.resume import check_resume
+
+    resume = check_resume(config, args.max_steps, args.allow_config_change)
+    for line in resume.lines(config, args.max_steps):
+        print(line)
+    if resume.finished:
+        return 0
     captions_per_pass = preflight(config)
+    from .console import TrainConsole
     from .runtime import init_ray
     from .training.optim import describe_lr
     from .training.trainer import fit
@@ -75,10 +110,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     t = config.train
     print(f"training: {t.steps} steps x {t.batch_size} images ({config.captions_per_worker_step} captions x "
           f"{config.group_size} per worker step), objective {t.objective}, {describe_lr(config)}")
+    console = TrainConsole(config)
     init_ray(config)
-    result = fit(config, max_steps=args.max_steps, captions_per_pass=captions_per_pass)
-    print(f"checkpoints: {result.checkpoint.path if result.checkpoint else 'none'}")
-    print(f"tensorboard: tensorboard --logdir {config.run_dir / 'tensorboard'}")
+    with console:
+        result = fit(config, max_steps=args.max_steps, captions_per_pass=captions_per_pass, progress=console.queue)
+    import ray
+
+    ray.shutdown()  # prints the workers' last log lines now, so that the summary comes last
+    for line in console.summary(result):
+        print(line)
     return 0
 
 
@@ -99,18 +139,58 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .console import eval_summary
     from .evaluation import evaluate
+    from .runtime import configure_data_context, quiet_ray_logs
 
-    results = evaluate(args.checkpoint, args.data, method=args.method, output=args.output)
-    for key, value in results.get("metrics", {}).items():
-        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    quiet_ray_logs()  # evaluate starts or joins Ray itself, once its checks have passed
+    configure_data_context()
+    overrides = {"knn_k": args.k, "knn_temperature": args.temperature, "batch_size": args.batch_size,
+                 "max_images": args.max_images}
+    results = evaluate(args.checkpoint, args.data, method=args.method, output=args.output, overrides=overrides,
+                       use_ray=not args.in_process, num_actors=args.num_actors, num_gpus_per_actor=args.num_gpus,
+                       weights=args.weights)
+    for line in eval_summary(results):
+        print(line)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .models.export import export_encoder, load_snippet, preprocessing_warning
+
+    cfg = export_encoder(args.checkpoint, args.out, args.format, args.weights)
+    print(f"exported the {cfg['architecture']} encoder of {args.checkpoint} "
+          f"(weights: {args.weights or 'those evaluation uses'}) to {args.out}")
+    print("load it without stablerep-ray:\n" + load_snippet(args.out, args.format))
+    warning = preprocessing_warning(cfg)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
 def cmd_make_tiny_pipeline(args: argparse.Namespace) -> int:
     from .tools.tiny_pipeline import make_tiny_pipeline
 
-    print(f"saved a tiny random Stable Diffusion pipeline to {make_tiny_pipeline(args.directory, args.seed)}")
+    path = make_tiny_pipeline(args.directory, args.seed, family=args.family)
+    print(f"saved a tiny random {args.family} text-to-image pipeline to {path}")
+    return 0
+
+
+def cmd_make_tiny_llm(args: argparse.Namespace) -> int:
+    from .tools.tiny_llm import make_tiny_llm
+
+    print(f"saved a tiny random causal language model to {make_tiny_llm(args.directory, args.seed)}")
+    return 0
+
+
+def cmd_synth_captions(args: argparse.Namespace) -> int:
+    config = load_from_args(args)
+    if config.captions.source != SYNTH_SOURCE:
+        raise ConfigError(f"captions.source: {config.captions.source!r} is not 'synth'; set captions.source=synth "
+                          f"and a captions.synth section (see configs/synclr-captions-quickstart.yaml)")
+    from .captions.synth.preview import preview
+
+    print(preview(config, args.num, args.output))
     return 0
 
 
@@ -131,13 +211,28 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stablerep-ray")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from . import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stablerep-ray", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="generate images on an actor pool and train on the stream")
     _add_config_args(p)
     p.add_argument("--max-steps", type=int, help="stop after this step (the lr schedule keeps train.steps)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a run under a config that differs from the one it was trained with "
+                        "(the old one is kept as config.<time>.yaml)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="Ray Tune sweep (guidance scale x images per caption, ...)")
@@ -152,16 +247,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("eval", help="kNN / linear-probe evaluation of a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (holds model.pt)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint directory (holds model.pt), local or a URI (s3://, gs://, file://)")
     p.add_argument("--data", required=True, help="TRAIN[:TEST]: ImageFolder, parquet, or simulator:<attr>")
     p.add_argument("--method", choices=["knn", "linear", "both"], default="knn")
-    p.add_argument("--output", help="results directory (default: CHECKPOINT/eval)")
+    p.add_argument("--output", help="results directory (default: CHECKPOINT/eval; outputs/eval/NAME for a URI)")
+    p.add_argument("--k", type=int, help="kNN neighbours (default: the run's eval.knn_k)")
+    p.add_argument("--temperature", type=float, help="kNN vote temperature (default: eval.knn_temperature)")
+    p.add_argument("--batch-size", type=int, help="images per decode block and forward batch (eval.batch_size)")
+    p.add_argument("--max-images", type=int, help="class-balanced cap per set, 0: all (eval.max_images)")
+    p.add_argument("--num-actors", type=int, default=0,
+                   help="feature actors (default: one per GPU, else half the CPUs)")
+    p.add_argument("--num-gpus", type=float, help="GPUs per feature actor (default: 1 if the cluster has GPUs, else 0)")
+    p.add_argument("--weights", help="weight set of the checkpoint: 'model' (the trained network) or an extra "
+                   "one such as SynCLR's 'teacher' (default: the one the objective reports)")
+    p.add_argument("--in-process", action="store_true",
+                   help="no Ray: decode and embed block by block in this process (small sets)")
+    _add_verbose_arg(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("make-tiny-pipeline", help="save a tiny random SD pipeline for offline use")
+    p = sub.add_parser("export", help="write a checkpoint's encoder as safetensors that plain timm loads")
+    p.add_argument("checkpoint", help="checkpoint directory (holds model.pt) or the model.pt file")
+    p.add_argument("out", help="hf: output directory; timm: output file *.safetensors")
+    p.add_argument("--format", choices=["hf", "timm"], default="hf",
+                   help="hf: config.json + model.safetensors (timm 'local-dir:' / 'hf-hub:'); timm: one "
+                        "safetensors file with the config in its metadata")
+    p.add_argument("--weights", help="weight set of the checkpoint (default: the one evaluation uses)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("make-tiny-pipeline", help="save a tiny random text-to-image pipeline for offline use")
     p.add_argument("directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", choices=["sd15", "sdxl", "pixart", "sd3"], default="sd15",
+                   help="architecture: SD 1.5, SDXL (two CLIP encoders), PixArt-alpha (T5), SD3 (flow matching)")
     p.set_defaults(func=cmd_make_tiny_pipeline)
+
+    p = sub.add_parser("make-tiny-llm", help="save a tiny random causal language model for offline use")
+    p.add_argument("directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny_llm)
+
+    p = sub.add_parser("synth-captions", help="preview captions.synth: N prompts' captions, kinds and concepts")
+    _add_config_args(p)
+    p.add_argument("--num", type=int, default=20, help="prompts 0..N-1")
+    p.add_argument("--output", help="also write them: .txt (one caption per line) or JSON lines")
+    p.set_defaults(func=cmd_synth_captions)
 
     p = sub.add_parser("make-captions", help="write simulator captions (composable attributes)")
     p.add_argument("path")
@@ -176,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        from .console import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"  # read by this process and inherited by a local Ray's workers
     try:
         return args.func(args)
     except ConfigError as err:

@@ -21,6 +21,7 @@ from .sections import (
     TrainConfig,
     _Section,
 )
+from .synth import SYNTH_SOURCE
 from .tune import TuneConfig
 
 
@@ -70,7 +71,9 @@ class Config(_Section):
             )
         self._check_buffer()
         if not self.captions.source:
-            raise ValueError("captions.source: set a caption file, directory or URI")
+            raise ValueError(f"captions.source: set a caption file, directory or URI, or {SYNTH_SOURCE!r}")
+        if self.captions.source == SYNTH_SOURCE:
+            self.captions.synth.check()
         lo, hi = self.augment.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"augment.crop_scale: need 0 < low <= high <= 1, got {lo, hi}")

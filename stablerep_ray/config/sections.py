@@ -4,22 +4,18 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-
-class ConfigError(ValueError):
-    """A configuration problem a user must fix; the message names the key (or file) and the fix."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+from .base import ConfigError, _Section  # noqa: F401  (re-exported: the package and tune import them here)
+from .synth import SynthConfig
 
 
 class CaptionsConfig(_Section):
     source: str = Field(
         "",
         description="Caption file or directory: local path or pyarrow filesystem URI (s3://, gs://). "
-        "Formats: .txt (one caption per line), .csv, .tsv, .jsonl, .parquet.",
+        "Formats: .txt (one caption per line), .csv, .tsv, .jsonl, .parquet. 'synth': captions written "
+        "from concept lists as the run goes (captions.synth; a file named synth: ./synth).",
     )
     format: Literal["auto", "txt", "csv", "tsv", "jsonl", "parquet"] = Field(
         "auto", description="File format; 'auto' picks it from the file extension."
@@ -35,12 +31,15 @@ class CaptionsConfig(_Section):
         True, description="Cycle through the source again when a run needs more captions than it holds."
     )
     rows_per_block: int = Field(256, gt=0, description="Captions per Ray Data block read from the source.")
+    synth: SynthConfig = Field(
+        default_factory=SynthConfig, description="Captions written from concept lists (source: synth)."
+    )
 
 
 class GeneratorConfig(_Section):
     backend: Literal["diffusers", "simulator"] = Field(
         "diffusers",
-        description="'diffusers': a Stable Diffusion pipeline loaded with from_pretrained(model). "
+        description="'diffusers': a diffusers text-to-image pipeline loaded with from_pretrained(model). "
         "'simulator': the procedural offline text-to-image simulator (development, CI, demos).",
     )
     model: str = Field(
@@ -49,7 +48,9 @@ class GeneratorConfig(_Section):
         "(diffusers backend only). `stablerep-ray make-tiny-pipeline DIR` builds an offline one.",
     )
     scheduler: Literal["dpm_solver++", "ddim", "euler", "euler_ancestral", "pndm", "pipeline"] = Field(
-        "dpm_solver++", description="Sampler; 'pipeline' keeps the checkpoint's own scheduler."
+        "dpm_solver++",
+        description="Sampler; 'pipeline' keeps the checkpoint's own scheduler (the only choice for "
+        "flow-matching models: SD3, Flux, Sana).",
     )
     steps: int = Field(20, gt=0, description="Denoising steps per image.")
     guidance_scale: float = Field(
@@ -82,9 +83,23 @@ class GeneratorConfig(_Section):
         description="Captions per generator call (batch = captions_per_call x n images); one call is one "
         "stream block, so keep a call >= 0.5 s (`stablerep-ray plan` warns when shorter).",
     )
-    channels_last: bool = Field(True, description="channels_last memory format for UNet and VAE (GPU).")
-    compile: bool = Field(False, description="torch.compile the UNet (GPU; warm-up on the first call).")
+    model_defaults: bool = Field(
+        True,
+        description="Where steps, guidance_scale, scheduler or resolution are left at these defaults, "
+        "use the model's own: few-step models (SDXL-Turbo, SD3.5-Turbo, FLUX.1-schnell, LCM) their "
+        "steps, guidance and scheduler; flow-matching models their scheduler; every model its native "
+        "resolution. Each change is logged; false keeps the config as written.",
+    )
+    channels_last: bool = Field(
+        True, description="channels_last memory format for a UNet denoiser and the VAE (GPU)."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the denoiser, UNet or transformer (GPU; warm-up on the first call)."
+    )
     vae_slicing: bool = Field(False, description="Decode latents one image at a time to bound memory.")
+    vae_tiling: bool = Field(
+        False, description="Decode latents in overlapping tiles to bound memory at high resolution."
+    )
     label_selector: dict[str, str] = Field(
         default_factory=dict,
         description="Ray node labels generator actors must land on, e.g. {ray.io/node-group: gen}.",
@@ -183,7 +198,7 @@ class TrainConfig(_Section):
         "stablerep",
         description="Training objective (training/objectives/): 'stablerep': multi-positive loss over m "
         "images per caption; 'simclr': two views of one image; 'stablerep_plus': stablerep plus a "
-        "CLIP-style image-text loss.",
+        "CLIP-style image-text loss; 'synclr': an EMA teacher, multi-crop and iBOT's masked-patch loss (synclr.*).",
     )
     batch_size: int = Field(
         8256, gt=0, description="Global images per step (all workers); a multiple of m x num_workers."
@@ -198,6 +213,11 @@ class TrainConfig(_Section):
         "code (its crop-count factor num_crops / 2 with one crop per image); 'linear': base_lr x batch_size / 256.",
     )
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on norms or biases).")
+    weight_decay_end: float | None = Field(
+        None, ge=0,
+        description="If set, the weight decay follows a cosine from weight_decay at step 0 to this value at "
+        "train.steps (DINO/iBOT/SynCLR: 0.04 -> 0.2); None: constant.",
+    )
     betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas.")
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps before the cosine decay.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of the peak lr.")
@@ -232,8 +252,19 @@ class EvalConfig(_Section):
     every: int = Field(0, ge=0, description="Steps between online kNN evaluations (0: only at the end).")
     knn_k: int = Field(20, gt=0, description="Neighbours in the kNN classifier.")
     knn_temperature: float = Field(0.07, gt=0, description="Temperature of the kNN vote weights.")
-    batch_size: int = Field(256, gt=0, description="Images per feature-extraction batch.")
-    max_images: int = Field(0, ge=0, description="Cap on evaluation images (0: all).")
+    batch_size: int = Field(
+        256, gt=0, description="Images per feature-extraction batch (and per decode block of the stream)."
+    )
+    max_images: int = Field(
+        0, ge=0, description="Cap on the images of each evaluation set, a class-balanced subset (0: all)."
+    )
+    online_max_images: int = Field(
+        10000,
+        ge=0,
+        description="Cap on the online kNN's memory bank and query set, each (class-balanced): rank 0 "
+        "holds them as uint8 at model.image_size, 2 x cap x image_size^2 x 3 bytes (3 GB at 10000 and "
+        "224 px). 0: no cap, for sets known to be small.",
+    )
 
 
 class ClusterConfig(_Section):
