@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Config, ConfigError
+from ..config.io import config_diff
 from .plan import concurrency, experiment_path, plan_sweep, sweep_dir, sweep_name
 from .ray_reservations import ReleaseStaleReservations
 from .report import SweepOutputs, TrialEvents, print_outputs, write_outputs
@@ -42,17 +43,6 @@ def _statuses(data: dict) -> dict[str, str]:
     return out
 
 
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _diff_keys(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            keys.append(f"{prefix}{k}")
-    return keys
-
-
 def _check_resume(config: Config, resume: bool) -> None:
     from ray.tune import Tuner
 
@@ -72,7 +62,7 @@ def _check_resume(config: Config, resume: bool) -> None:
     if resume and saved.is_file():
         before = yaml.safe_load(saved.read_text())
         now = config.model_dump(mode="json")
-        changed = [k for k in _diff_keys(before, now) if not k.startswith("cluster.")]
+        changed = [k for k, _, _ in config_diff(before, now) if not k.startswith("cluster.")]
         if changed:
             raise ConfigError(
                 f"{changed[0]}: differs from the interrupted sweep's config ({saved}); resume with the "

@@ -56,17 +56,23 @@ def knn_top1(model: torch.nn.Module, image_size: int, size: int) -> float:
     return knn_accuracy(fb, bank_labels, fq, query_labels, k=20, temperature=0.07, num_classes=len(names))
 
 
-@pytest.mark.parametrize("config_file", [QUICKSTART, CONFIGS / "synclr-quickstart.yaml"], ids=lambda p: p.stem)
-def test_training_beats_random_init_on_held_out_knn(tmp_path, config_file):
+@pytest.mark.parametrize(("config_file", "steps", "margin"), [
+    (QUICKSTART, STEPS, MARGIN),
+    # SynCLR's teacher learns more slowly at this scale (docs/learning.md: 0.365 -> 0.446 after 120
+    # steps here); 0.05 is two standard errors of the difference, so a broken crop, mask or teacher
+    # path (no gain, or a loss) fails, while the measured gain passes.
+    (CONFIGS / "synclr-quickstart.yaml", 120, 0.05),
+], ids=["stablerep", "synclr"])
+def test_training_beats_random_init_on_held_out_knn(tmp_path, config_file, steps, margin):
     """StableRep (the quickstart) and SynCLR (its teacher, as evaluation reports it by default)."""
     config = load_config(
         config_file,
         [
             f"output_dir={tmp_path}",
             "name=learning-test",
-            f"train.steps={STEPS}",
+            f"train.steps={steps}",
             "train.warmup_steps=10",
-            f"train.checkpoint_every={STEPS}",
+            f"train.checkpoint_every={steps}",
             "train.max_failures=0",
             "train.image_grid_every=0",
             "eval.data=",  # scored below, after training
@@ -92,9 +98,9 @@ def test_training_beats_random_init_on_held_out_knn(tmp_path, config_file):
     acc_random = knn_top1(random_init, config.model.image_size, size)
     acc_trained = knn_top1(trained, config.model.image_size, size)
     print(f"kNN top-1 on held-out simulator:{ATTRIBUTE}: random init {acc_random:.3f}, "
-          f"after {STEPS} steps {acc_trained:.3f} (training {train_s:.0f}s)")
+          f"after {steps} steps {acc_trained:.3f} (training {train_s:.0f}s)")
     assert np.isfinite(result.metrics["loss"])
-    assert acc_trained >= acc_random + MARGIN, (acc_random, acc_trained)
+    assert acc_trained >= acc_random + margin, (acc_random, acc_trained)
 
 
 @pytest.mark.parametrize("backend", ["simulator", "diffusers"])
