@@ -62,6 +62,22 @@ def machine() -> dict:
     return info
 
 
+def memory_ratios(small: dict, large: dict) -> dict[str, float | None]:
+    """Peak RSS, private RSS and object store of the larger run over the smaller (None: nothing used)."""
+    return {key: large[key] / small[key] if small[key] else None
+            for key in ("peak_rss", "peak_rss_private", "peak_object_store")}
+
+
+def print_memory_ratios(small: dict, large: dict, small_name: str, large_name: str, target: float) -> None:
+    """One line per peak: both sizes and their ratio against ``target``."""
+    ratios = memory_ratios(small, large)
+    for key, label in [("peak_rss", "RSS (driver + Ray processes)"), ("peak_rss_private", "RSS minus shared"),
+                       ("peak_object_store", "object store used")]:
+        r = ratios[key]
+        print(f"  peak {label}: {small[key] / 2**20:,.0f} MiB at {small_name}, {large[key] / 2**20:,.0f} MiB "
+              f"at {large_name} -> ratio {'n/a' if r is None else f'{r:.3f}'} (target <= {target})")
+
+
 def write_result(name: str, payload: dict, module: str) -> Path:
     """bench/results/<name>.json (latest) and bench/results/history/<name>-<time>.json."""
     payload = {

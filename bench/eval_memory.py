@@ -119,18 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(cmd, check=True, cwd=common.ROOT)
             runs[n] = json.loads(out.read_text())
     small, large = runs[sizes[0]], runs[sizes[1]]
-    ratios = {key: large[key] / small[key] if small[key] else None
-              for key in ("peak_rss", "peak_rss_private", "peak_object_store")}
+    ratios = common.memory_ratios(small, large)
     summary = {"images": list(sizes), "image_px": args.size, "classes": args.classes,
                "batch_size": args.batch_size, "small": small, "large": large, "ratios": ratios,
                "target": TARGET, "pass": ratios["peak_rss"] is not None and ratios["peak_rss"] <= TARGET}
     path = common.write_result("eval_memory", summary, MODULE)
     print(f"\ncommand: {common.command_line(MODULE)}")
-    for key, label in [("peak_rss", "RSS (driver + Ray processes)"), ("peak_rss_private", "RSS minus shared"),
-                       ("peak_object_store", "object store used")]:
-        r = ratios[key]
-        print(f"  peak {label}: {small[key] / 2**20:,.0f} MiB at {sizes[0]:,}, {large[key] / 2**20:,.0f} MiB "
-              f"at {sizes[1]:,} -> ratio {'n/a' if r is None else f'{r:.3f}'} (target <= {TARGET})")
+    common.print_memory_ratios(small, large, f"{sizes[0]:,}", f"{sizes[1]:,}", TARGET)
     print(f"wrote {path}")
     return 0
 

@@ -153,18 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[{args.config}] N = {args.steps} and {args.factor}N = {args.steps * args.factor} steps", flush=True)
     short = run(args.steps)
     long = run(args.steps * args.factor)
-    ratios = {key: long[key] / short[key] if short[key] else None
-              for key in ("peak_rss", "peak_rss_private", "peak_object_store")}
+    ratios = common.memory_ratios(short, long)
     summary = {"config": args.config, "overrides": args.overrides, "N": args.steps, "factor": args.factor,
                "short": short, "long": long, "ratios": ratios, "target": 1.1,
                "pass": all(r is not None and r <= 1.1 for r in (ratios["peak_rss"], ratios["peak_object_store"]))}
     path = common.write_result("memory-synth" if args.synth else "memory", summary, MODULE)
     print(f"\ncommand: {common.command_line(MODULE)}")
-    for key, label in [("peak_rss", "RSS (driver + Ray processes)"), ("peak_rss_private", "RSS minus shared"),
-                       ("peak_object_store", "object store used")]:
-        r = ratios[key]
-        print(f"  peak {label}: {short[key] / 2**20:,.0f} MiB at N, {long[key] / 2**20:,.0f} MiB at "
-              f"{args.factor}N -> ratio {'n/a' if r is None else f'{r:.3f}'} (target <= 1.1)")
+    common.print_memory_ratios(short, long, "N", f"{args.factor}N", 1.1)
     print(f"wrote {path}")
     return 0
 

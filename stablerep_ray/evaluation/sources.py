@@ -30,6 +30,7 @@ from .specs import (
     open_parquet,
     parse_simulator,
     require_two_classes,
+    simulator_attribute,
 )
 
 IMAGE_COLUMNS = ("image", "img", "image_bytes", "jpg", "png", "webp", "bytes")
@@ -192,14 +193,8 @@ def _index_parquet(spec: str, fs, path: str) -> ImageSource:
 def _index_simulator(spec: str) -> ImageSource:
     from ..tools import simulator
 
-    attribute, _, per_class = parse_simulator(spec)
-    attribute = getattr(simulator, "_ALIASES", {}).get(attribute, attribute)
-    if attribute not in simulator.ATTRIBUTES:
-        raise ConfigError(
-            f"eval data {spec!r}: unknown simulator attribute {attribute!r}; use one of "
-            f"{sorted(simulator.ATTRIBUTES)}"
-        )
-    per_class = per_class or SIMULATOR_PER_CLASS
+    attribute = simulator_attribute(spec)
+    per_class = parse_simulator(spec)[2] or SIMULATOR_PER_CLASS
     class_names = sorted(simulator.ATTRIBUTES[attribute])
     labels = np.repeat(np.arange(len(class_names), dtype=np.int64), per_class)
     offsets = np.tile(np.arange(per_class, dtype=np.int64), len(class_names))

@@ -230,18 +230,25 @@ def dataset_class_names(spec: str) -> list[str]:
     return sorted(str(v) for v in pc.unique(labels.drop_null()).to_pylist())
 
 
+def simulator_attribute(spec: str) -> str:
+    """The simulator attribute a ``simulator:...`` spec names (aliases resolved); a ConfigError naming
+    the choices when there is none such."""
+    from ..tools import simulator
+
+    attribute = parse_simulator(spec)[0]
+    attribute = getattr(simulator, "_ALIASES", {}).get(attribute, attribute)
+    if attribute not in simulator.ATTRIBUTES:
+        raise ConfigError(
+            f"eval data {spec!r}: unknown simulator attribute {attribute!r}; use one of "
+            f"{sorted(simulator.ATTRIBUTES)}, e.g. simulator:shape"
+        )
+    return attribute
+
+
 def _local_classes(item: str) -> list[str] | None:
     """Check one dataset item; its class names when local (None: simulator or remote)."""
     if is_simulator_spec(item):
-        from ..tools import simulator
-
-        attribute, _, _ = parse_simulator(item)
-        attribute = getattr(simulator, "_ALIASES", {}).get(attribute, attribute)
-        if attribute not in simulator.ATTRIBUTES:
-            raise ConfigError(
-                f"eval data {item!r}: unknown simulator attribute {attribute!r}; use one of "
-                f"{sorted(simulator.ATTRIBUTES)}, e.g. simulator:shape"
-            )
+        simulator_attribute(item)
         return None
     if "://" in item:
         return None  # remote: checked when loaded
