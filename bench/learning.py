@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   for o in args.objectives), flush=True)
     attributes = args.attributes
     if not attributes:
-        spec = base.eval.data
-        attributes = [spec.split(":")[1]] if spec.startswith("simulator:") else ["color"]
+        attributes = [spec.split(":")[1] for spec in base.eval.data_specs if spec.startswith("simulator:")]
+        attributes = attributes or ["color"]
     score = knn_scorer(attributes, args.per_class, base.generator.output_size, base.model.image_size,
                        base.eval.knn_k, base.eval.knn_temperature)
     command = f"uv run python -m {MODULE}" + (f" {shlex.join(sys.argv[1:])}" if sys.argv[1:] else "")

@@ -57,9 +57,9 @@ def preflight(config: Config) -> int:
         captions_per_pass = stats.captions
     generator_class(config.generator).preflight(config.generator)
     if config.eval.data:
-        from .evaluation import check_data_spec
+        from .evaluation import check_eval_data
 
-        check_data_spec(config.eval.data)
+        check_eval_data(config.eval.data)
     check_local_fit(config)
     warn_if_unbalanced(config)
     return captions_per_pass
@@ -249,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="kNN / linear-probe evaluation of a checkpoint")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint directory (holds model.pt), local or a URI (s3://, gs://, file://)")
-    p.add_argument("--data", required=True, help="TRAIN[:TEST]: ImageFolder, parquet, or simulator:<attr>")
+    p.add_argument("--data", required=True,
+                   help="TRAIN[:TEST]: ImageFolder, parquet, or simulator:<attr>; one set per call (the run's "
+                        "eval.data, one spec or a list, is not read: run eval once per set)")
     p.add_argument("--method", choices=["knn", "linear", "both"], default="knn")
     p.add_argument("--output", help="results directory (default: CHECKPOINT/eval; outputs/eval/NAME for a URI)")
     p.add_argument("--k", type=int, help="kNN neighbours (default: the run's eval.knn_k)")

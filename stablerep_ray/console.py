@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 VERBOSE_ENV = "STABLEREP_RAY_VERBOSE"
@@ -38,8 +39,22 @@ def duration(seconds: float) -> str:
 
 
 def metric_label(name: str) -> str:
-    """``eval/knn_top1`` -> ``knn``, ``eval/student/knn_top1`` -> ``student/knn``: what a console line shows."""
-    return name.removeprefix("eval/").removesuffix("_top1")
+    """``eval/knn_top1`` -> ``knn``, ``eval/student/knn_top1`` -> ``student/knn``, ``eval/knn_top1/shape`` ->
+    ``knn/shape``: what a console line shows."""
+    return name.removeprefix("eval/").replace("_top1", "", 1)
+
+
+def eval_parts(scores: dict[str, float], label: Callable[[str], str], digits: int) -> list[str]:
+    """One part per metric, ``knn 0.612``; a metric scored on several sets (``eval/knn_top1/color`` beside
+    ``eval/knn_top1``, which repeats the first set) shows the sets instead: ``knn color 0.830 shape 0.210``."""
+    parts = []
+    for name, value in scores.items():
+        if any(name.startswith(f"{other}/") for other in scores):
+            continue  # one set of a metric: shown with it
+        sets = [(n.removeprefix(f"{name}/"), v) for n, v in scores.items() if n.startswith(f"{name}/")]
+        shown = " ".join(f"{s} {v:.{digits}f}" for s, v in sets) if sets else f"{value:.{digits}f}"
+        parts.append(f"{label(name)} {shown}")
+    return parts
 
 
 def progress_line(record: dict[str, Any]) -> str:
@@ -51,7 +66,7 @@ def progress_line(record: dict[str, Any]) -> str:
         f"{scalars['throughput/images_per_s']:.0f} img/s",
         f"wait {scalars['throughput/data_wait_fraction']:.0%}",
     ]
-    parts += [f"{metric_label(name)} {value:.3f}" for name, value in record["eval"].items()]
+    parts += eval_parts(record["eval"], metric_label, 3)
     done = step - record["start"]
     if step < steps and done > 0:
         parts.append(f"eta {duration(record['train_s'] / done * (steps - step))}")
@@ -145,7 +160,7 @@ class TrainConsole:
                 f"{t.batch_size}), {consumed / max(last['train_s'], 1e-9):.0f} img/s",
                 "final: " + "  ".join(
                     [f"loss {scalars['loss/total']:.3f} (mean over {t.num_workers} workers)"]
-                    + [f"{name} {value:.4f}" for name, value in last["eval"].items()]
+                    + eval_parts(last["eval"], str, 4)
                 ),
             ]
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .base import ConfigError, _Section  # noqa: F401  (re-exported: the package and tune import them here)
 from .synth import SynthConfig
@@ -243,11 +243,13 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    data: str = Field(
+    data: str | list[str] = Field(
         "",
         description="Labelled evaluation images: ImageFolder dir, parquet (image bytes + label), or "
         "'simulator:<attribute>' for the simulator's held-out set. Empty: no online evaluation. "
-        "'TRAIN:TEST' splits into a memory bank and a query set.",
+        "'TRAIN:TEST' splits into a memory bank and a query set. A list of such specs (e.g. "
+        "[simulator:color, simulator:shape]) scores each set: the first is eval/knn_top1, and every "
+        "set is also eval/knn_top1/<name> (its simulator attribute, else its directory or file name).",
     )
     every: int = Field(0, ge=0, description="Steps between online kNN evaluations (0: only at the end).")
     knn_k: int = Field(20, gt=0, description="Neighbours in the kNN classifier.")
@@ -261,10 +263,25 @@ class EvalConfig(_Section):
     online_max_images: int = Field(
         10000,
         ge=0,
-        description="Cap on the online kNN's memory bank and query set, each (class-balanced): rank 0 "
-        "holds them as uint8 at model.image_size, 2 x cap x image_size^2 x 3 bytes (3 GB at 10000 and "
-        "224 px). 0: no cap, for sets known to be small.",
+        description="Cap on the online kNN's memory bank and query set, each (class-balanced), of every "
+        "eval.data set: rank 0 holds them as uint8 at model.image_size, 2 x cap x image_size^2 x 3 bytes "
+        "per set (3 GB at 10000 and 224 px). 0: no cap, for sets known to be small.",
     )
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_spec_or_a_list(cls, value):
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return value
+        raise ValueError("expected one spec or a list of specs, e.g. simulator:shape or [simulator:color, "
+                         "simulator:shape]")
+
+    @property
+    def data_specs(self) -> list[str]:
+        """``data`` as a list: none when empty, else one entry per evaluation set."""
+        if isinstance(self.data, str):
+            return [self.data] if self.data else []
+        return list(self.data)
 
 
 class ClusterConfig(_Section):

@@ -10,12 +10,12 @@ from .datasets import LabelledImages, load_eval_split, load_labelled_images, str
 from .evaluate import OnlineKNN, evaluate, online_cap
 from .features import compute_feature_sets, extract_features
 from .sources import ImageSource, eval_pixels, index_source
-from .specs import check_data_spec, dataset_class_names, is_simulator_spec, parse_data_spec
+from .specs import check_data_spec, check_eval_data, dataset_class_names, is_simulator_spec, parse_data_spec, set_names
 
 __all__ = [
     "DEFAULT_C_GRID", "FeatureSet", "ImageSource", "LabelledImages", "OnlineKNN", "check_data_spec",
-    "compute_feature_sets", "dataset_class_names", "eval_pixels", "evaluate", "extract_features",
+    "check_eval_data", "compute_feature_sets", "dataset_class_names", "eval_pixels", "evaluate", "extract_features",
     "feature_cache_path", "index_source", "is_simulator_spec", "knn_accuracy", "knn_classify",
     "linear_probe", "load_eval_split", "load_labelled_images", "mean_per_class_accuracy",
-    "online_cap", "parse_data_spec", "stratified_split",
+    "online_cap", "parse_data_spec", "set_names", "stratified_split",
 ]

@@ -22,11 +22,12 @@ from ..models.io import MODEL_FILE, load_checked_model, model_file
 from ..storage import open_filesystem, write_json_atomic
 from .cache import FeatureSet
 from .classifiers import knn_accuracy, linear_probe
-from .datasets import DEFAULT_TEST_FRACTION, align_classes, hold_out, load_eval_split
+from .datasets import DEFAULT_TEST_FRACTION, LabelledImages, align_classes, hold_out, load_eval_split
 from .features import compute_feature_sets, extract_features
-from .specs import check_data_spec
+from .specs import check_data_spec, set_names
 
 METHODS = ("knn", "linear", "both")
+KNN_METRIC = "eval/knn_top1"  # the online headline: Tune's default metric, the console's ``knn``
 
 
 def online_cap(config: EvalConfig) -> int:
@@ -39,38 +40,47 @@ def online_cap(config: EvalConfig) -> int:
 class OnlineKNN:
     """Online kNN monitor for rank 0 of the training loop (``config.eval``).
 
-    The bank and query sets are decoded once, at construction, into uint8 arrays at the model's input
-    size (``load_eval_split``), each capped at ``online_cap(config.eval)`` images, so rank 0 holds
-    ``2 x cap x S^2 x 3`` bytes at most, whatever the set's size. ``evaluate(model, device)`` takes
-    any module with ``.features(images)``, extracts features in-process (no collective: call it on
-    rank 0 only, with the unwrapped model) and returns ``{"eval/knn_top1": accuracy}``.
+    Each set of ``eval.data`` (one spec or a list) is decoded once, at construction, into uint8 bank
+    and query arrays at the model's input size (``load_eval_split``), each capped at
+    ``online_cap(config.eval)`` images, so rank 0 holds ``2 x cap x S^2 x 3`` bytes per set at most,
+    whatever the sets' sizes. ``evaluate(model, device)`` takes any module with ``.features(images)``,
+    extracts features in-process (no collective: call it on rank 0 only, with the unwrapped model)
+    and returns ``{"eval/knn_top1": accuracy}`` of the first set; with several sets also
+    ``eval/knn_top1/<name>`` of each (``set_names``), so a run shows every attribute it learns.
     """
 
     def __init__(self, config):
         self.config = config.eval
         self.image_size = config.model.image_size
-        self.train, self.test = load_eval_split(
-            self.config.data, self.image_size, online_cap(self.config), seed=config.train.seed
-        )
-        self._images = (torch.from_numpy(self.train.images), torch.from_numpy(self.test.images))
+        specs = self.config.data_specs
+        self.sets = {
+            name: load_eval_split(spec, self.image_size, online_cap(self.config), seed=config.train.seed)
+            for name, spec in zip(set_names(specs), specs, strict=True)
+        }
 
     def evaluate(
         self, model: torch.nn.Module, device: str | torch.device | None = None
     ) -> dict[str, float]:
+        scores = {name: self._score(model, train, test, device) for name, (train, test) in self.sets.items()}
+        metrics = {KNN_METRIC: next(iter(scores.values()))}
+        if len(scores) > 1:
+            metrics.update({f"{KNN_METRIC}/{name}": acc for name, acc in scores.items()})
+        return metrics
+
+    def _score(self, model, train: LabelledImages, test: LabelledImages, device) -> float:
         bank, queries = (
-            extract_features(model, images, self.image_size, self.config.batch_size, device)
-            for images in self._images
+            extract_features(model, torch.from_numpy(part.images), self.image_size, self.config.batch_size, device)
+            for part in (train, test)
         )
-        acc = knn_accuracy(
+        return knn_accuracy(
             bank,
-            self.train.labels,
+            train.labels,
             queries,
-            self.test.labels,
+            test.labels,
             self.config.knn_k,
             self.config.knn_temperature,
-            len(self.train.class_names),
+            len(train.class_names),
         )
-        return {"eval/knn_top1": acc}
 
 
 @contextlib.contextmanager

@@ -271,3 +271,43 @@ def check_data_spec(spec: str) -> tuple[str, str | None]:
             f"{train_spec!r}; the two sets must share class names"
         )
     return train_spec, test_spec
+
+
+def check_eval_data(data: str | list[str]) -> list[tuple[str, str | None]]:
+    """``check_data_spec`` of every set ``eval.data`` names (one spec or a list); an error in a list
+    says which entry it is."""
+    if isinstance(data, str):
+        return [check_data_spec(data)]
+    checked = []
+    for i, spec in enumerate(data):
+        try:
+            checked.append(check_data_spec(spec))
+        except ConfigError as err:
+            raise ConfigError(f"eval.data entry {i + 1} of {len(data)}: {err}") from None
+    return checked
+
+
+SPLIT_DIRS = ("train", "training", "val", "valid", "validation", "test")
+
+
+def set_name(spec: str) -> str:
+    """A short name for the set a spec names, for metric names: the simulator attribute, else the
+    train item's file or directory name without ``.parquet`` (its parent's where it is a split name
+    such as ``train``)."""
+    item = _split_items(spec.strip())[0]
+    if is_simulator_spec(item):
+        return parse_simulator(item)[0]
+    parts = [p for p in re.split(r"[/\\]", item.split("://", 1)[-1]) if p]
+    name = parts[-1].removesuffix(".parquet") if parts else item
+    return parts[-2] if name.lower() in SPLIT_DIRS and len(parts) > 1 else name
+
+
+def set_names(specs: list[str]) -> list[str]:
+    """``set_name`` of each spec, made unique with ``-2``, ``-3``, ... in list order."""
+    names: list[str] = []
+    for spec in specs:
+        name, n = set_name(spec), 1
+        while (name if n == 1 else f"{name}-{n}") in names:
+            n += 1
+        names.append(name if n == 1 else f"{name}-{n}")
+    return names

@@ -142,13 +142,18 @@ def _absolute_paths(config: Config) -> Config:
 
         data["captions"]["synth"] = with_absolute_paths(config.captions.synth).model_dump(mode="json")
     data["generator"]["model"] = absolute(config.generator.model)
-    if config.eval.data and not Path(config.eval.data).exists():
+
+    def absolute_spec(spec: str) -> str:
+        if not spec or Path(spec).exists():
+            return absolute(spec)
         from ..evaluation import parse_data_spec
 
-        train_spec, test_spec = parse_data_spec(config.eval.data)
-        data["eval"]["data"] = ":".join(absolute(s) for s in (train_spec, test_spec) if s)
-    else:
-        data["eval"]["data"] = absolute(config.eval.data)
+        return ":".join(absolute(s) for s in parse_data_spec(spec) if s)
+
+    eval_data = config.eval.data
+    data["eval"]["data"] = (
+        [absolute_spec(s) for s in eval_data] if isinstance(eval_data, list) else absolute_spec(eval_data)
+    )
     if config.cluster.storage_path and "://" not in config.cluster.storage_path:
         data["cluster"]["storage_path"] = str(Path(config.cluster.storage_path).expanduser().resolve())
     return from_dict(data)

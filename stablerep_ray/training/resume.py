@@ -36,7 +36,7 @@ MAY_CHANGE = (
     "stream.prefetch_batches", "stream.object_store_mb", "stream.log_consumed",
     "train.num_cpus_per_worker", "train.label_selector", "train.log_every", "train.image_grid_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.max_failures",
-    "eval.every", "eval.batch_size", "eval.online_max_images",
+    "eval.data", "eval.every", "eval.batch_size", "eval.online_max_images",
 )
 
 Change = tuple[str, Any, Any]

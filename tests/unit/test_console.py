@@ -35,6 +35,22 @@ def test_progress_line_has_rank_mean_loss_throughput_wait_eval_and_eta():
     assert progress_line(two).endswith("knn 0.500  student/knn 0.250")
 
 
+def per_set(rec, *prefixes):
+    """``rec`` scored on a colour and a shape set: the headline repeats the first set."""
+    rec["eval"] = {}
+    for i, prefix in enumerate(prefixes):
+        color, shape = 0.83 - i / 2, 0.2149 - i / 10
+        rec["eval"].update({f"eval/{prefix}knn_top1": color, f"eval/{prefix}knn_top1/color": color,
+                            f"eval/{prefix}knn_top1/shape": shape})
+    return rec
+
+
+def test_progress_line_shows_each_eval_set_once():
+    assert progress_line(per_set(record(200), "")).endswith("wait 3%  knn color 0.830 shape 0.215")
+    assert progress_line(per_set(record(200), "", "student/")).endswith(
+        "knn color 0.830 shape 0.215  student/knn color 0.330 shape 0.115")
+
+
 def test_summary_counts_steps_images_and_says_where_things_went(tmp_path):
     config = load_config(QUICKSTART, [f"output_dir={tmp_path}"])
     console = TrainConsole(config)
@@ -47,6 +63,14 @@ def test_summary_counts_steps_images_and_says_where_things_went(tmp_path):
     assert "loss 4.123 (mean over 2 workers)" in text and "eval/knn_top1 0.8375" in text
     assert lines[-2:] == ["checkpoint: /runs/checkpoint_00000200",
                           f"tensorboard: tensorboard --logdir {config.run_dir / 'tensorboard'}"]
+
+
+def test_summary_shows_each_eval_set(tmp_path):
+    console = TrainConsole(load_config(QUICKSTART, [f"output_dir={tmp_path}"]))
+    console.records = [per_set(record(200, train_s=64.0), "", "student/")]
+    final = console.summary(SimpleNamespace(checkpoint=None))[2]
+    assert final.endswith("(mean over 2 workers)  eval/knn_top1 color 0.8300 shape 0.2149  "
+                          "eval/student/knn_top1 color 0.3300 shape 0.1149")
 
 
 def test_summary_of_a_run_that_had_nothing_left_to_do(tmp_path):

@@ -24,6 +24,19 @@ def test_overrides_are_typed_and_nested():
     assert config.model.kwargs == {"patch_size": 8, "depth": 2}
 
 
+def test_eval_data_is_one_spec_or_a_list(tmp_path):
+    one = load_config(QUICKSTART, ["eval.data=simulator:shape"]).eval
+    assert one.data == "simulator:shape" and one.data_specs == ["simulator:shape"]
+    assert load_config(QUICKSTART, ["eval.data="]).eval.data_specs == []
+    listed = load_config(QUICKSTART, ["eval.data=[simulator:color, simulator:shape]"]).eval
+    assert listed.data_specs == ["simulator:color", "simulator:shape"]
+    path = tmp_path / "sets.yaml"
+    path.write_text(yaml.safe_dump({"base": str(QUICKSTART), "eval": {"data": ["simulator:count", "simulator:shape"]}}))
+    assert load_config(path).eval.data == ["simulator:count", "simulator:shape"]
+    with pytest.raises(ConfigError, match=r"^eval.data: expected one spec or a list of specs"):
+        load_config(QUICKSTART, ["eval.data=[simulator:color, 3]"])
+
+
 def test_reference_lists_every_section():
     table = reference_markdown()
     for key in ("captions.source", "generator.guidance_scale", "stream.reuse", "train.batch_size", "eval.knn_k"):
@@ -41,6 +54,7 @@ BAD = [
     (["generator.num_actors=3", "generator.num_gpus_per_actor=1"], "generator.num_actors"),
     (["train.use_gpu=true"], "train.num_workers"),
     (["captions.source=/nonexistent/captions.txt"], "captions.source"),
+    (["eval.data=[simulator:color, simulator:colr]"], "eval.data entry 2 of 2: eval data 'simulator:colr"),
 ]
 
 

@@ -110,6 +110,15 @@ def test_check_data_spec(tmp_path):
         ev.check_data_spec("simulator:flavour")
     with pytest.raises(ConfigError, match="path not found"):
         ev.check_data_spec(f"{tmp_path}/nope")
+    assert ev.check_eval_data("simulator:shape") == [ev.check_data_spec("simulator:shape")]
+    with pytest.raises(ConfigError, match=r"^eval.data entry 2 of 2: .*unknown simulator attribute 'flavour'"):
+        ev.check_eval_data(["simulator:shape", "simulator:flavour"])
+
+
+def test_set_names_are_short_and_unique():
+    specs = ["simulator:color", "simulator:shape:test:20", "simulator:color:8", "/data/cifar/train:/data/cifar/test",
+             "s3://bucket/pets.parquet", "imagenet/val/"]
+    assert ev.set_names(specs) == ["color", "shape", "color-2", "cifar", "pets", "imagenet"]
 
 
 def test_stratified_split_is_deterministic_and_stratified():
@@ -307,7 +316,8 @@ def test_online_knn(checkpoint):
         {**_config().model_dump(), "eval": {"data": "simulator:shape:4", "knn_k": 5}}
     )
     online = ev.OnlineKNN(config)
-    assert len(online.train) == len(online.test) == 40
+    (train, test), = online.sets.values()
+    assert len(train) == len(test) == 40
     model = build_model(config)
     result = online.evaluate(model, "cpu")
     assert set(result) == {"eval/knn_top1"} and 0.0 <= result["eval/knn_top1"] <= 1.0

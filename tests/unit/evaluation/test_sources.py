@@ -1,6 +1,6 @@
 """Evaluation sources without Ray: indexing reads no image, rows decode straight to the model's uint8
 S x S view (anywhere in a parquet file), the in-process feature pass holds one block at a time, and
-the online kNN bank is capped and stored at the model's input size."""
+the online kNN bank is capped and stored at the model's input size, and several sets score as each alone."""
 
 from __future__ import annotations
 
@@ -134,8 +134,20 @@ def test_online_knn_bank_is_capped_and_stored_at_the_model_size(tmp_path):
     assert ev.online_cap(config.eval) == 15
     assert ev.online_cap(config.eval.model_copy(update={"max_images": 9})) == 9
     online = ev.OnlineKNN(config)
-    assert len(online.train) + len(online.test) == 15  # the capped set, split 80/20 before decoding
-    for part in (online.train, online.test):
+    (train, test), = online.sets.values()
+    assert len(train) + len(test) == 15  # the capped set, split 80/20 before decoding
+    for part in (train, test):
         assert part.images.dtype == np.uint8 and part.images.shape[1:] == (32, 32, 3)
     result = online.evaluate(build_model(config), "cpu")
     assert 0.0 <= result["eval/knn_top1"] <= 1.0
+
+
+def test_online_knn_scores_several_sets_each_as_if_alone():
+    torch.manual_seed(0)
+    model = build_model(_config())
+    sets = ["simulator:color:3", "simulator:shape:3"]
+    both = ev.OnlineKNN(_config(eval={"data": sets, "knn_k": 5})).evaluate(model, "cpu")
+    alone = [ev.OnlineKNN(_config(eval={"data": spec, "knn_k": 5})).evaluate(model, "cpu") for spec in sets]
+    assert all(set(a) == {"eval/knn_top1"} for a in alone)
+    assert both == {"eval/knn_top1": alone[0]["eval/knn_top1"], "eval/knn_top1/color": alone[0]["eval/knn_top1"],
+                    "eval/knn_top1/shape": alone[1]["eval/knn_top1"]}

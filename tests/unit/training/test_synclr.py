@@ -256,6 +256,23 @@ def test_checkpoint_evaluates_the_teacher_by_default(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), student.state_dict().values()))
 
 
+def test_online_eval_probes_teacher_and_student_on_every_set():
+    from stablerep_ray.evaluation import OnlineKNN
+    from stablerep_ray.training.loop import online_eval
+
+    config = _config("eval.data=[simulator:color:2, simulator:shape:2]", "eval.knn_k=3")
+    step = _step(config)
+    step(synthetic_batch(config, config.captions_per_worker_step))
+    evaluator = OnlineKNN(config)
+    scores = online_eval(evaluator, step, "cpu")
+    teacher, student = (evaluator.evaluate(m, "cpu") for m in (step.objective.teacher, step.model))
+    sets = ("", "/color", "/shape")
+    assert set(scores) == {f"eval/{who}knn_top1{which}" for who in ("", "student/") for which in sets}
+    for which in sets:
+        assert scores[f"eval/knn_top1{which}"] == teacher[f"eval/knn_top1{which}"]
+        assert scores[f"eval/student/knn_top1{which}"] == student[f"eval/knn_top1{which}"]
+
+
 def test_weight_decay_follows_its_cosine_on_the_decayed_group_only():
     from stablerep_ray.training.optim import weight_decay_at
 
