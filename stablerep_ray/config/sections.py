@@ -164,6 +164,13 @@ class ModelConfig(_Section):
         default_factory=dict, description="Extra timm.create_model kwargs (e.g. depth, patch_size)."
     )
     image_size: int = Field(224, gt=0, description="Training crop size fed to the encoder.")
+    stem: Literal["patch", "conv"] = Field(
+        "patch",
+        description="How a ViT turns pixels into tokens: 'patch' (timm's one strided convolution) or "
+        "'conv' (stride-2 3x3 convolutions with BatchNorm down to the patch grid, Xiao et al. 2021): "
+        "small ViTs learn shape far faster with it (docs/learning.md). Not a timm architecture, so "
+        "'export' refuses it.",
+    )
     head_hidden_dim: int = Field(4096, gt=0, description="Projection MLP hidden width.")
     head_layers: int = Field(3, ge=1, description="Projection MLP linear layers (BN+ReLU between).")
     embed_dim: int = Field(256, gt=0, description="Output dimension of the projection head.")

@@ -95,6 +95,10 @@ def export_encoder(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: L
     out = Path(out).expanduser()
     _check_output(out, fmt)
     model, config = load_checked_model(checkpoint, weights)
+    if config.model.stem != "patch":
+        raise ConfigError(f"export {str(checkpoint)!r}: model.stem={config.model.stem} is not a timm "
+                          f"architecture, so timm could not rebuild it; load the checkpoint with "
+                          f"stablerep_ray.models.load_model instead")
     encoder = model.encoder
     cfg = timm_config(encoder, config)
     tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}

@@ -25,11 +25,35 @@ def create_encoder(cfg: ModelConfig, **extra) -> nn.Module:
         kwargs.setdefault("global_pool", "token")
         kwargs.setdefault("img_size", cfg.image_size)
     try:
-        return timm.create_model(cfg.name, **kwargs)
+        encoder = timm.create_model(cfg.name, **kwargs)
     except RuntimeError as err:  # timm raises RuntimeError for unknown names
         raise ConfigError(f"model.name: {err}; see timm.list_models('vit_*')") from None
     except TypeError as err:
         raise ConfigError(f"model.kwargs: {err}") from None
+    if cfg.stem == "conv":
+        embed = getattr(encoder, "patch_embed", None)
+        patch = embed.patch_size[0] if embed is not None else 0
+        if patch < 2 or patch & (patch - 1) or embed.patch_size[0] != embed.patch_size[1]:
+            raise ConfigError(f"model.stem: 'conv' needs a ViT with a square power-of-two patch size "
+                              f"({cfg.name} has {getattr(embed, 'patch_size', 'no patch embedding')}); "
+                              f"set model.stem=patch or model.kwargs.patch_size")
+        embed.proj = conv_stem(patch, encoder.embed_dim)
+    return encoder
+
+
+def conv_stem(patch: int, dim: int, width: int = 48) -> nn.Sequential:
+    """A convolutional patch embedding (Xiao et al. 2021): log2(patch) stride-2 3x3 convolutions with
+    BatchNorm and ReLU, widths doubling from ``width``, then a 1x1 projection to ``dim``. Same token
+    grid as the one strided convolution it replaces, but a ViT trained from scratch gets local
+    features to build on instead of having to learn them from a linear map of raw patches."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for k in range(patch.bit_length() - 1):
+        out = width * 2**k
+        layers += [nn.Conv2d(channels, out, 3, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        channels = out
+    layers.append(nn.Conv2d(channels, dim, 1))
+    return nn.Sequential(*layers)
 
 
 @dataclass

@@ -95,7 +95,7 @@ def is_sd_family(gen: GeneratorConfig) -> bool:
 
 
 def trainer_tflop(config: Config) -> float | None:
-    """Training TFLOP per encoder input for timm ViTs; None for others.
+    """Training TFLOP per encoder input for timm ViTs with patch stems; None for others (measured instead).
 
     0.105 for one forward + backward of ViT-B/16 at 224 px (the cost model); other ViTs scale it by
     encoder parameters x tokens (the 6 * params * tokens rule, which gives 0.10 for ViT-B/16); the
@@ -107,7 +107,7 @@ def trainer_tflop(config: Config) -> float | None:
     factor = get_objective(config.train.objective).relative_cost(config)
     if m.name == "vit_base_patch16_224" and m.image_size == 224 and not m.kwargs:
         return VIT_B16_TRAIN_TFLOP * factor
-    if not m.name.startswith(("vit_", "deit_")):
+    if not m.name.startswith(("vit_", "deit_")) or m.stem != "patch":  # no token-count rule: measure
         return None
     import torch
 
