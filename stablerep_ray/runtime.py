@@ -24,7 +24,7 @@ class Need:
     def of(cls, config: Config) -> Need:
         t, g, s = config.train, config.generator, _llm_pool(config)
         cpus = t.num_workers * t.num_cpus_per_worker + g.num_actors * g.num_cpus_per_actor + 1
-        gpus = t.num_workers * (1 if t.use_gpu else 0) + g.num_actors * g.num_gpus_per_actor
+        gpus = t.num_workers * (t.gpus_per_worker if t.use_gpu else 0) + g.num_actors * g.num_gpus_per_actor
         if s:
             cpus, gpus = cpus + s.num_actors * s.num_cpus_per_actor, gpus + s.num_actors * s.num_gpus_per_actor
         return cls(cpus, gpus)
@@ -35,7 +35,7 @@ class Need:
                f"{s.num_gpus_per_actor:g} GPU)") if s else ""
         return (
             f"{t.num_workers} train workers x ({t.num_cpus_per_worker:g} CPU"
-            f"{', 1 GPU' if t.use_gpu else ''}) + {g.num_actors} generator actors x "
+            f"{f', {t.gpus_per_worker:g} GPU' if t.use_gpu else ''}) + {g.num_actors} generator actors x "
             f"({g.num_cpus_per_actor:g} CPU, {g.num_gpus_per_actor:g} GPU){llm} + 1 CPU caption reader "
             f"= {self.cpus:g} CPUs, {self.gpus:g} GPUs"
         )

@@ -74,6 +74,13 @@ class Config(_Section):
             raise ValueError(f"captions.source: set a caption file, directory or URI, or {SYNTH_SOURCE!r}")
         if self.captions.source == SYNTH_SOURCE:
             self.captions.synth.check()
+        t = self.train
+        if t.use_gpu and t.gpus_per_worker < 1 and t.num_workers > 1:
+            raise ValueError(
+                f"train.gpus_per_worker: {t.gpus_per_worker:g} lets Ray place several DDP ranks on one GPU, "
+                f"which NCCL refuses; set train.num_workers=1 (one GPU shared with the generators) or "
+                f"train.gpus_per_worker=1"
+            )
         lo, hi = self.augment.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"augment.crop_scale: need 0 < low <= high <= 1, got {lo, hi}")

@@ -234,7 +234,14 @@ class TrainConfig(_Section):
         "auto", description="Autocast dtype; 'auto' is bf16 on GPU, fp32 on CPU."
     )
     num_workers: int = Field(2, gt=0, description="DDP workers (Ray Train).")
-    use_gpu: bool = Field(False, description="One GPU per train worker.")
+    use_gpu: bool = Field(False, description="Train workers on GPUs (train.gpus_per_worker each).")
+    gpus_per_worker: float = Field(
+        1.0, gt=0, le=1,
+        description="GPU share of a train worker when train.use_gpu: 1 is a GPU of its own; a fraction "
+        "(e.g. 0.5, with generator.num_gpus_per_actor 0.5) lets a generator actor share its GPU, as on a "
+        "one-GPU machine. Two DDP ranks cannot share a GPU (NCCL refuses), so a fraction needs "
+        "train.num_workers=1.",
+    )
     num_cpus_per_worker: float = Field(1.0, ge=0, description="CPUs per train worker.")
     label_selector: dict[str, str] = Field(
         default_factory=dict, description="Ray node labels train workers must land on."

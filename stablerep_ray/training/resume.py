@@ -34,7 +34,8 @@ MAY_CHANGE = (
     "generator.captions_per_call", "generator.label_selector", "generator.channels_last",
     "generator.compile", "generator.vae_slicing", "generator.vae_tiling",
     "stream.prefetch_batches", "stream.object_store_mb", "stream.log_consumed",
-    "train.num_cpus_per_worker", "train.label_selector", "train.log_every", "train.image_grid_every",
+    "train.num_cpus_per_worker", "train.gpus_per_worker", "train.label_selector", "train.log_every",
+    "train.image_grid_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.max_failures",
     "eval.data", "eval.every", "eval.batch_size", "eval.online_max_images",
 )

@@ -32,7 +32,7 @@ def make_trainer(config: Config, max_steps: int | None = None, callbacks: list |
     scaling = ScalingConfig(
         num_workers=t.num_workers,
         use_gpu=t.use_gpu,
-        resources_per_worker={"CPU": t.num_cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
+        resources_per_worker={"CPU": t.num_cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})},
         label_selector=t.label_selector or None,
     )
     # The driver's DataContext options (a Tune trial's CPU/GPU share) plus the stream's object-store budget.

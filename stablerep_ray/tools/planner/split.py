@@ -90,16 +90,17 @@ def budget_for(config: Config, devices: float) -> Budget:
             "CPUs); the planner splits one kind of device: put both on GPUs (or both on CPUs)"
         )
     if on_gpu_t:
-        return Budget(devices, 1.0, config.generator.num_gpus_per_actor, "GPU")
+        return Budget(devices, config.train.gpus_per_worker, config.generator.num_gpus_per_actor, "GPU")
     t, g = config.train, config.generator
     return Budget(devices, max(t.num_cpus_per_worker, 1e-9), max(g.num_cpus_per_actor, 1e-9), "CPU")
 
 
 def per_unit_rates(config: Config, rates: Rates) -> tuple[float, float]:
-    """(images/s of one actor, images/s of one trainer worker) from per-device rates."""
-    _, on_gpu_g = uses_gpus(config)
+    """(images/s of one actor, images/s of one trainer worker) from per-device rates; a worker or actor
+    holding a share of a GPU is counted at that share of its rate (time-sharing, at best)."""
+    on_gpu_t, on_gpu_g = uses_gpus(config)
     actor = rates.generator * (config.generator.num_gpus_per_actor if on_gpu_g else 1)
-    return actor, rates.trainer
+    return actor, rates.trainer * (config.train.gpus_per_worker if on_gpu_t else 1)
 
 
 def check_balance(config: Config, gen_rate: float, train_rate: float) -> str | None:

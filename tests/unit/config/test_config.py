@@ -53,6 +53,7 @@ BAD = [
     (["train.num_workers=9"], "train.num_workers"),
     (["generator.num_actors=3", "generator.num_gpus_per_actor=1"], "generator.num_actors"),
     (["train.use_gpu=true"], "train.num_workers"),
+    (["train.use_gpu=true", "train.gpus_per_worker=0.5"], "train.gpus_per_worker: 0.5 lets Ray place several DDP"),
     (["captions.source=/nonexistent/captions.txt"], "captions.source"),
     (["eval.data=[simulator:color, simulator:colr]"], "eval.data entry 2 of 2: eval data 'simulator:colr"),
 ]

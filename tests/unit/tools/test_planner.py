@@ -9,6 +9,7 @@ import pytest
 from repo import CONFIGS
 
 from stablerep_ray.config import load_config
+from stablerep_ray.runtime import Need
 from stablerep_ray.tools.planner import (
     WAIT_TARGET,
     Budget,
@@ -81,6 +82,19 @@ def test_plan_splits_38_gpus_1_to_37(no_tables):
     assert "ESTIMATE" in text and "bottleneck: training" in text
     # twice the budget: two trainer workers
     assert "2 trainer workers + 74 generator actors" in plan(config, gpus=76, gpu_type="H100")
+
+
+def test_one_gpu_shared_by_a_trainer_and_a_generator(no_tables):
+    """Fractional GPUs (train.gpus_per_worker, generator.num_gpus_per_actor): both fit on one GPU, the
+    reservation adds up to it, and the planner counts each at its share of the GPU's rate."""
+    shared = paper("train.num_workers=1", "train.gpus_per_worker=0.5", "generator.num_actors=1",
+                   "generator.num_gpus_per_actor=0.5", "stream.buffer_mb=0")
+    need = Need.of(shared)
+    assert need.gpus == 1.0 and "1 train workers x (8 CPU, 0.5 GPU)" in need.describe(shared)
+    text = plan(shared, gpus=1, gpu_type="H100")
+    assert "split of 1 GPUs: 1 trainer worker + 1 generator actor" in text
+    whole = plan(paper("train.num_workers=1", "stream.buffer_mb=0"), gpus=1, gpu_type="H100")
+    assert "1 GPUs are too few: one trainer worker (1 GPU) and one generator actor (1 GPU) need 2" in whole
 
 
 def test_best_split_keeps_wait_under_target():
