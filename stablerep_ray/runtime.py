@@ -115,9 +115,11 @@ def start_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | No
     level = logging.INFO if verbose() else logging.WARNING
     if address:
         ray.init(address=address, logging_level=level)
-        return
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level=level,
-             runtime_env={"worker_process_setup_hook": "stablerep_ray.runtime.quiet_ray_logs"})
+    else:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level=level,
+                 runtime_env={"worker_process_setup_hook": "stablerep_ray.runtime.quiet_ray_logs"})
+    if not verbose():
+        drop_forwarded_noise()
 
 
 AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -160,6 +162,46 @@ def quiet_ray_logs() -> None:
             report(args)
 
     threading.excepthook = excepthook
+
+
+# Lines that Ray's raylet and C++ core workers write to their own stderr, which the driver forwards
+# (no Python logger to filter): a sweep starting many actors at once makes the raylet warn about its
+# worker start-up concurrency, and every actor restartable with object-store arguments (Ray Train's
+# controller, Ray Data's split coordinator) logs ray-project/ray#53727 at start. Neither is about the run.
+FORWARDED_NOISE = (
+    "PYTHON worker processes have been started on node",
+    "has constructor arguments in the object store and max_restarts > 0",
+)
+
+
+def without_noise(lines: list[str]) -> list[str]:
+    """``lines`` less those holding a ``FORWARDED_NOISE`` phrase."""
+    return [line for line in lines if not any(phrase in line for phrase in FORWARDED_NOISE)]
+
+
+def drop_forwarded_noise() -> None:
+    """Wrap the driver's printers of forwarded worker output so ``FORWARDED_NOISE`` lines are dropped.
+
+    Ray has no public hook for this; its dispatcher lives in ``ray._private``. Where that moves in a
+    later Ray, nothing is filtered and the lines show, as they did before.
+    """
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+
+    def filtered(handler):
+        def handle(data: dict) -> None:
+            lines = without_noise(data.get("lines", []))
+            if lines:
+                handler({**data, "lines": lines})
+
+        handle.unfiltered = handler
+        return handle
+
+    with dispatcher._lock:
+        dispatcher.handlers = [(name, h if hasattr(h, "unfiltered") else filtered(h))
+                               for name, h in dispatcher.handlers]
 
 
 def _without_timeout_traceback(record: logging.LogRecord) -> bool:

@@ -58,3 +58,28 @@ def test_only_the_placement_group_cleaners_thread_dies_quietly():
     finally:
         threading.excepthook = previous
     assert [args.thread.name for args in reported] == ["some-other-thread"]
+
+
+def test_forwarded_worker_noise_goes_and_the_rest_stays():
+    """The lines Ray forwards from its raylet and C++ workers pass through the real dispatcher: known
+    noise is dropped, other lines of the same batch still reach Ray's printer, wrapping is idempotent."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    printed: list[dict] = []
+    saved = list(dispatcher.handlers)
+    dispatcher.handlers = [("ray_print_logs", printed.append)]
+    try:
+        runtime.drop_forwarded_noise()
+        runtime.drop_forwarded_noise()
+        noise = [
+            "WARNING: 16 PYTHON worker processes have been started on node: abc with address: 1.2.3.4. ...",
+            "[2026-11-27 20:33:09,911 E 30835 30895] core_worker.cc:2465: Actor with class name: "
+            "'PreemptionWatcher' and ID: '7dfa' has constructor arguments in the object store and "
+            "max_restarts > 0. If the arguments in the object store go out of scope ...",
+        ]
+        dispatcher.emit({"pid": "raylet", "is_err": True, "lines": noise})
+        dispatcher.emit({"pid": 7, "is_err": True, "lines": [noise[1], "Traceback: a real error"]})
+    finally:
+        dispatcher.handlers = saved
+    assert [d["lines"] for d in printed] == [["Traceback: a real error"]]
+    assert printed[0]["pid"] == 7
