@@ -371,16 +371,28 @@ def test_outputs_and_tensorboard(interrupted_sweep):
     assert best.train.steps == 6 and best.tune.space == {}
     for path in ("results table", "plot", "best config", "tensorboard --logdir"):
         assert path in s.output
-    for trial_dir in (p for p in s.sweep.iterdir() if p.is_dir()):
-        tune_events = EventAccumulator(str(trial_dir))  # Tune's per-trial scalars + hparams
-        tune_events.Reload()
-        knn = tune_events.Scalars("ray/tune/eval/knn_top1")
-        assert [e.step for e in knn] and all(0 <= e.value <= 1 for e in knn), trial_dir
-        assert "_hparams_/session_start_info" in tune_events.PluginTagToContent("hparams"), trial_dir
-        train_events = EventAccumulator(str(trial_dir / "train" / "tensorboard"), size_guidance={"images": 0})
-        train_events.Reload()  # the trial's own Train TensorBoard: kNN curve and sample-image grids
-        assert "eval/knn_top1" in train_events.Tags()["scalars"], trial_dir
-        assert "samples/caption_groups" in train_events.Tags()["images"], trial_dir
+    # A trial the kill caught while starting can leave Tune a second directory (name + "_<hash>") on
+    # resume; each trial's events must be in one of its directories.
+    trial_dirs: dict[str, list[Path]] = {}
+    for path in sorted(p for p in s.sweep.iterdir() if p.is_dir()):
+        trial_dirs.setdefault(path.name.split("-", 1)[0], []).append(path)
+    assert len(trial_dirs) == 4, sorted(trial_dirs)
+    for paths in trial_dirs.values():
+        tune_knn, tune_hparams, train_scalars, train_images = [], set(), set(), set()
+        for trial_dir in paths:
+            tune_events = EventAccumulator(str(trial_dir))  # Tune's per-trial scalars + hparams
+            tune_events.Reload()
+            if "ray/tune/eval/knn_top1" in tune_events.Tags()["scalars"]:
+                tune_knn += tune_events.Scalars("ray/tune/eval/knn_top1")
+            tune_hparams |= set(tune_events.PluginTagToContent("hparams"))
+            if (trial_dir / "train" / "tensorboard").is_dir():
+                train_events = EventAccumulator(str(trial_dir / "train" / "tensorboard"), size_guidance={"images": 0})
+                train_events.Reload()  # the trial's own Train TensorBoard: kNN curve and sample-image grids
+                train_scalars |= set(train_events.Tags()["scalars"])
+                train_images |= set(train_events.Tags()["images"])
+        assert tune_knn and all(0 <= e.value <= 1 for e in tune_knn), paths
+        assert "_hparams_/session_start_info" in tune_hparams, paths
+        assert "eval/knn_top1" in train_scalars and "samples/caption_groups" in train_images, paths
     best_text = (s.sweep / "best-config.yaml").read_text()
     assert yaml.safe_load(best_text)["name"] == "sweep-quickstart-best"
 
