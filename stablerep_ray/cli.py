@@ -59,7 +59,8 @@ def preflight(config: Config) -> int:
     if config.eval.data:
         from .evaluation import check_eval_data
 
-        check_eval_data(config.eval.data)
+        simulator = config.generator.backend == "simulator"
+        check_eval_data(config.eval.data, config.generator.world if simulator else None)
     check_local_fit(config)
     warn_if_unbalanced(config)
     return captions_per_pass
@@ -199,8 +200,9 @@ def cmd_make_captions(args: argparse.Namespace) -> int:
 
     path = Path(args.path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(make_captions(args.num, args.seed)) + "\n")
-    print(f"wrote {args.num} simulator captions to {path}")
+    captions = make_captions(args.num, args.seed, args.world, args.shape_only, args.shape_only_first)
+    path.write_text("\n".join(captions) + "\n")
+    print(f"wrote {args.num} simulator captions ({args.world} world) to {path}")
     return 0
 
 
@@ -299,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--num", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world", default="default", choices=["default", "simple"],
+                   help="the simulator world (generator.world) whose attributes the captions name")
+    p.add_argument("--shape-only", type=float, default=0.0, metavar="SHARE",
+                   help="share of captions that name only the shape ('a photo of a star')")
+    p.add_argument("--shape-only-first", type=int, default=0, metavar="N",
+                   help="the first N captions all name only the shape (a warm-up: shape before colour)")
     p.set_defaults(func=cmd_make_captions)
 
     p = sub.add_parser("config-reference", help="print every config key with default and meaning")

@@ -42,6 +42,14 @@ class GeneratorConfig(_Section):
         description="'diffusers': a diffusers text-to-image pipeline loaded with from_pretrained(model). "
         "'simulator': the procedural offline text-to-image simulator (development, CI, demos).",
     )
+    world: Literal["default", "simple"] = Field(
+        "default",
+        description="Simulator backend: the world it renders. 'default': full rotation, textures, "
+        "1-3 objects, occluders (colour is learnable in CPU minutes, shape is not); 'simple': one solid "
+        "object upright within +-36 degrees, no occluders, and an attribute a caption leaves out "
+        "drawn afresh per image (shape learnable in CPU minutes). Simulator eval sets name it: "
+        "simulator:shape:simple.",
+    )
     model: str = Field(
         "",
         description="Hugging Face model id or local directory of a diffusers text-to-image pipeline "

@@ -55,8 +55,8 @@ class FeatureSet:
 def _fingerprint(spec: str) -> Any:
     """Cheap change detector for a data source: simulator specs are deterministic; files use stats."""
     if is_simulator_spec(spec):
-        attribute, split, per_class = parse_simulator(spec)
-        return simulator_spec(attribute, split or "train", per_class or SIMULATOR_PER_CLASS)
+        attribute, split, per_class, world = parse_simulator(spec)
+        return simulator_spec(attribute, split or "train", per_class or SIMULATOR_PER_CLASS, world)
     try:
         import pyarrow.fs as pafs
 

@@ -291,11 +291,11 @@ def read_rows(
     if info.kind == "simulator":
         from ..tools.simulator import render_eval_image
 
-        attribute, split, _ = parse_simulator(info.spec)
+        attribute, split, _, world = parse_simulator(info.spec)
 
         def load(i: int) -> np.ndarray:
             return render_eval_image(
-                attribute, int(labels[i]), int(offsets[i]), SIMULATOR_IMAGE_SIZE, 0, split or "train"
+                attribute, int(labels[i]), int(offsets[i]), SIMULATOR_IMAGE_SIZE, 0, split or "train", world
             )
     elif info.kind == "parquet":
         blobs: list = [None] * n

@@ -3,8 +3,9 @@ an image or starting Ray, so the preflight rejects a bad eval set before any GPU
 
 A spec is an ImageFolder directory (``root/<class>/*.png|jpg``), a parquet file or directory (image
 bytes in ``image`` -- plain binary or a Hugging Face ``{bytes, path}`` struct -- and a ``label``
-column, int or str), or ``simulator:<attribute>[:train|test][:per_class]`` for the procedural
-simulator's held-out set. ``TRAIN:TEST`` names a memory bank / probe train set and a query set.
+column, int or str), or ``simulator:<attribute>[:<world>][:train|test][:per_class]`` for the
+procedural simulator's held-out set (rendered in that simulator world, ``default`` when not named).
+``TRAIN:TEST`` names a memory bank / probe train set and a query set.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+from typing import NamedTuple
 
 from ..config import ConfigError
 from ..storage import open_filesystem
@@ -21,6 +23,8 @@ LABEL_COLUMNS = ("label", "labels", "class", "target", "fine_label")
 SIMULATOR_PREFIX = "simulator"
 SIMULATOR_SPLITS = ("train", "test")
 SIMULATOR_PER_CLASS = 50
+SIMULATOR_WORLDS = ("default", "simple")  # the simulator's WORLDS (a test keeps them equal)
+SIMULATOR_FORM = "simulator:<attribute>[:<world>][:train|test][:per_class]"
 SPEC_HELP = (
     "pass an ImageFolder directory (root/<class>/<image>.png|jpg), a parquet file or directory "
     "with an image-bytes column ('image') and a 'label' column, or simulator:<attribute>"
@@ -29,7 +33,7 @@ SPEC_HELP = (
 
 # -- parsing ---------------------------------------------------------------------------------------
 def _split_items(spec: str) -> list[str]:
-    """Split ``A:B`` into dataset items; ``simulator:attr[:split][:n]``, URIs, drives stay whole."""
+    """Split ``A:B`` into dataset items; ``simulator:attr[:world][:split][:n]``, URIs, drives stay whole."""
     tokens = spec.split(":")
     items: list[str] = []
     i = 0
@@ -44,8 +48,8 @@ def _split_items(spec: str) -> list[str]:
             i += 2
             while (
                 i < len(tokens)
-                and len(parts) < 4
-                and (tokens[i] in SIMULATOR_SPLITS or tokens[i].isdigit())
+                and len(parts) < 5
+                and (tokens[i] in SIMULATOR_SPLITS + SIMULATOR_WORLDS or tokens[i].isdigit())
             ):
                 parts.append(tokens[i])
                 i += 1
@@ -69,29 +73,38 @@ def _split_items(spec: str) -> list[str]:
     return items
 
 
-def parse_simulator(spec: str) -> tuple[str, str | None, int | None]:
-    """``simulator:attr[:split][:per_class]`` -> (attribute, split or None, per_class or None)."""
+class SimulatorSet(NamedTuple):
+    attribute: str
+    split: str | None
+    per_class: int | None
+    world: str = "default"
+
+
+def parse_simulator(spec: str) -> SimulatorSet:
+    """``simulator:attr[:world][:split][:per_class]`` -> its parts (None where not given)."""
     parts = spec.split(":")
     if len(parts) < 2 or parts[0] != SIMULATOR_PREFIX or not parts[1]:
-        raise ConfigError(
-            f"eval data {spec!r}: expected simulator:<attribute>[:train|test][:per_class]"
-        )
-    attribute, split, per_class = parts[1], None, None
+        raise ConfigError(f"eval data {spec!r}: expected {SIMULATOR_FORM}")
+    attribute, split, per_class, world = parts[1], None, None, None
     for part in parts[2:]:
         if part in SIMULATOR_SPLITS and split is None:
             split = part
+        elif part in SIMULATOR_WORLDS and world is None:
+            world = part
         elif part.isdigit() and per_class is None and int(part) > 0:
             per_class = int(part)
         else:
             raise ConfigError(
-                f"eval data {spec!r}: unexpected {part!r}; expected "
-                f"simulator:<attribute>[:train|test][:per_class], e.g. simulator:shape:test:20"
+                f"eval data {spec!r}: unexpected {part!r}; expected {SIMULATOR_FORM} (worlds: "
+                f"{', '.join(SIMULATOR_WORLDS)}), e.g. simulator:shape:test:20"
             )
-    return attribute, split, per_class
+    return SimulatorSet(attribute, split, per_class, world or "default")
 
 
-def simulator_spec(attribute: str, split: str, per_class: int | None) -> str:
-    return ":".join([SIMULATOR_PREFIX, attribute, split] + ([str(per_class)] if per_class else []))
+def simulator_spec(attribute: str, split: str, per_class: int | None, world: str = "default") -> str:
+    """The canonical spec of a simulator set (the default world is not written)."""
+    parts = [SIMULATOR_PREFIX, attribute] + ([world] if world != "default" else []) + [split]
+    return ":".join(parts + ([str(per_class)] if per_class else []))
 
 
 def is_simulator_spec(spec: str) -> bool:
@@ -120,17 +133,17 @@ def parse_data_spec(spec: str) -> tuple[str, str | None]:
     if len(items) == 1:
         item = items[0]
         if is_simulator_spec(item):
-            attribute, split, per_class = parse_simulator(item)
+            attribute, split, per_class, world = parse_simulator(item)
             if split is None:
-                return simulator_spec(attribute, "train", per_class), simulator_spec(
-                    attribute, "test", per_class
+                return simulator_spec(attribute, "train", per_class, world), simulator_spec(
+                    attribute, "test", per_class, world
                 )
         return item, None
     out = []
     for item, default_split in zip(items, SIMULATOR_SPLITS, strict=True):
         if is_simulator_spec(item):
-            attribute, split, per_class = parse_simulator(item)
-            item = simulator_spec(attribute, split or default_split, per_class)
+            attribute, split, per_class, world = parse_simulator(item)
+            item = simulator_spec(attribute, split or default_split, per_class, world)
         out.append(item)
     return out[0], out[1]
 
@@ -235,12 +248,19 @@ def simulator_attribute(spec: str) -> str:
     the choices when there is none such."""
     from ..tools import simulator
 
-    attribute = parse_simulator(spec)[0]
-    attribute = getattr(simulator, "_ALIASES", {}).get(attribute, attribute)
+    parsed = parse_simulator(spec)
+    attribute = getattr(simulator, "_ALIASES", {}).get(parsed.attribute, parsed.attribute)
     if attribute not in simulator.ATTRIBUTES:
         raise ConfigError(
             f"eval data {spec!r}: unknown simulator attribute {attribute!r}; use one of "
             f"{sorted(simulator.ATTRIBUTES)}, e.g. simulator:shape"
+        )
+    fixed = dict(simulator.WORLDS[parsed.world].fixed)
+    if attribute in fixed:
+        varied = [a for a in simulator.ATTRIBUTES if a not in fixed]
+        raise ConfigError(
+            f"eval data {spec!r}: {attribute} is always {fixed[attribute]!r} in simulator world "
+            f"{parsed.world!r}, so there is nothing to classify; use one of {varied}"
         )
     return attribute
 
@@ -273,17 +293,28 @@ def check_data_spec(spec: str) -> tuple[str, str | None]:
     return train_spec, test_spec
 
 
-def check_eval_data(data: str | list[str]) -> list[tuple[str, str | None]]:
+def check_eval_data(data: str | list[str], simulator_world: str | None = None) -> list[tuple[str, str | None]]:
     """``check_data_spec`` of every set ``eval.data`` names (one spec or a list); an error in a list
-    says which entry it is."""
-    if isinstance(data, str):
-        return [check_data_spec(data)]
+    says which entry it is. With ``simulator_world`` (the run's simulator generator renders that
+    world), a simulator set of another world is refused: it would score a world never trained on."""
+    specs = [data] if isinstance(data, str) else list(data)
     checked = []
-    for i, spec in enumerate(data):
+    for i, spec in enumerate(specs):
         try:
             checked.append(check_data_spec(spec))
+            for item in filter(None, checked[-1]):
+                world = parse_simulator(item).world if is_simulator_spec(item) else simulator_world
+                if simulator_world is not None and world != simulator_world:
+                    attribute = parse_simulator(item).attribute
+                    raise ConfigError(
+                        f"eval data {spec!r} is rendered in simulator world {world!r} but "
+                        f"generator.world is {simulator_world!r}; write "
+                        f"simulator:{attribute}" + ("" if simulator_world == "default" else f":{simulator_world}")
+                    )
         except ConfigError as err:
-            raise ConfigError(f"eval.data entry {i + 1} of {len(data)}: {err}") from None
+            if isinstance(data, str):
+                raise
+            raise ConfigError(f"eval.data entry {i + 1} of {len(specs)}: {err}") from None
     return checked
 
 

@@ -49,6 +49,16 @@ monotone in ``w``. The random numbers of an image are drawn in a fixed order wha
 (common random numbers), so raising ``w`` only ever removes mismatches and pulls nuisance towards
 the mode, image by image.
 
+Worlds
+------
+A world (:data:`WORLDS`, ``generator.world``) sets how much nuisance the renderer adds and what an
+attribute a caption leaves out becomes. ``default``: everything above, and an unnamed attribute is
+fixed per caption (from its text). ``simple``: one solid object (texture and count fixed), smaller
+and upright within +-36 degrees, no occluders, unnamed attributes drawn afresh per image (as a
+diffusion model varies a colour its prompt leaves open) and a nuisance mode per stream row rather
+than per caption text. Colour is learnable in CPU minutes in both; shape only in ``simple``
+(docs/learning.md). Evaluation sets render in a world too (``simulator:shape:simple``).
+
 Determinism
 -----------
 Image ``j`` of caption id ``c`` with base seed ``s`` uses ``numpy.random.SeedSequence([s, c, j])``
@@ -88,6 +98,8 @@ from .world import (  # noqa: F401  (the private names: read by the tests)
     MISMATCH_P0,
     SHAPES,
     TEXTURES,
+    WORLDS,
+    World,
     _caption_text,
     _parse_codes,
     caption_words,
@@ -104,6 +116,8 @@ __all__ = [
     "TEXTURES",
     "BACKGROUNDS",
     "COUNTS",
+    "WORLDS",
+    "World",
     "MISMATCH_P0",
     "DIVERSITY_W0",
     "make_captions",

@@ -18,13 +18,16 @@ from .world import (
     _ATTR_NAMES,
     _ATTR_SIZES,
     _KEY_MODE,
+    _KEY_UNNAMED,
     _OCCLUDER_P,
     ATTRIBUTES,
     DIVERSITY_W0,
     MISMATCH_P0,
+    World,
     _parse_codes,
     _seq,
     diversity_scale,
+    get_world,
     mismatch_probability,
 )
 
@@ -35,6 +38,7 @@ def _caption_mode(seed: int, caption_id: int) -> np.ndarray:
 
 def _generate_one(
     codes: np.ndarray,
+    named: np.ndarray,
     mode: np.ndarray,
     seed: int,
     caption_id: int,
@@ -42,6 +46,7 @@ def _generate_one(
     p_mis: float,
     d: float,
     size: int,
+    world: World,
 ) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(_seq([seed, caption_id, j]))
     # fixed draw order and count, whatever w is (common random numbers across guidance scales)
@@ -50,9 +55,15 @@ def _generate_one(
     eps = rng.uniform(-1, 1, _NUISANCE_DIM)
     occ = rng.random((_NUM_OCC_SLOTS, _OCC_FIELDS))
     used = np.where(u_mis < p_mis, (codes + offset) % _ATTR_SIZES, codes)
+    if world.unnamed == "image" and not named.all():
+        drawn = np.random.default_rng(_seq([seed, caption_id, j], _KEY_UNNAMED)).integers(0, _ATTR_SIZES)
+        used = np.where(named, used, drawn)
+    for a, code in world.fixed_codes().items():
+        used[a] = code
     theta = mode + d * (eps - mode)
     sigma = (2.0 + 6.0 * d) / 255.0
-    return _render(used, theta, size, occ, _OCCLUDER_P * d, rng, sigma), used
+    occluder_p = _OCCLUDER_P * d if world.occluders else 0.0
+    return _render(used, theta, size, occ, occluder_p, rng, sigma, world), used
 
 
 def generate_caption_images(
@@ -67,25 +78,29 @@ def generate_caption_images(
     mismatch_p0: float = MISMATCH_P0,
     diversity_w0: float = DIVERSITY_W0,
     image_key: int | None = None,
+    world: str | World = "default",
 ):
     """Images ``0..num_images-1`` of one caption: uint8 ``(num_images, size, size, 3)``.
 
-    The caption's mode comes from ``caption_id`` (the text); each image's own randomness from
-    ``image_key`` (the row's source position; default ``caption_id``), as a diffusion model draws
-    new images of the same prompt from new seeds.
+    The caption's mode comes from ``caption_id`` (the text; the row's ``image_key`` in a world with
+    per-row modes); each image's own randomness from ``image_key`` (the row's source position; default
+    ``caption_id``), as a diffusion model draws new images of the same prompt from new seeds.
+    ``world`` (a name in ``WORLDS``) sets the nuisance, the fixed attributes and what an attribute the
+    caption leaves out becomes.
 
     With ``return_attributes`` also returns the attributes each image was *actually* rendered with
     (a list of dicts; they differ from ``parse_caption(caption)`` where a semantic mismatch hit).
     """
-    codes = np.asarray(_parse_codes(str(caption))[0], dtype=np.int64)
-    mode = _caption_mode(seed, caption_id)
+    codes, named = (np.asarray(x) for x in _parse_codes(str(caption)))
+    world = get_world(world)
+    key = caption_id if image_key is None else image_key
+    mode = _caption_mode(seed, caption_id if world.modes == "caption" else key)
     p_mis = mismatch_probability(guidance_scale, mismatch_p0)
     d = diversity_scale(guidance_scale, diversity_w0)
     images = np.empty((num_images, size, size, 3), dtype=np.uint8)
     used_all = []
     for j in range(num_images):
-        key = caption_id if image_key is None else image_key
-        images[j], used = _generate_one(codes, mode, seed, key, j, p_mis, d, size)
+        images[j], used = _generate_one(codes, named, mode, seed, key, j, p_mis, d, size, world)
         used_all.append(used)
     if not return_attributes:
         return images
@@ -125,6 +140,7 @@ class SimulatorGenerator:
         self.guidance_scale = float(config.guidance_scale)
         self.mismatch_p0 = float(mismatch_p0)
         self.diversity_w0 = float(diversity_w0)
+        self.world = get_world(config.world)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for col in ("caption_id", "caption"):
@@ -143,6 +159,7 @@ class SimulatorGenerator:
             images[b] = generate_caption_images(
                 str(text), int(ids[b]), n, self.guidance_scale, S, self.seed,
                 mismatch_p0=self.mismatch_p0, diversity_w0=self.diversity_w0, image_key=int(keys[b]),
+                world=self.world,
             )  # fmt: skip
         out = dict(batch)
         out["images"] = images

@@ -13,7 +13,16 @@ import numpy as np
 from PIL import Image
 
 from .render import render_attributes
-from .world import _ALIASES, _ATTR_NAMES, _ATTR_SIZES, _KEY_EVAL, ATTRIBUTES, _seq
+from .world import (
+    _ALIASES,
+    _ATTR_NAMES,
+    _ATTR_SIZES,
+    _KEY_EVAL,
+    ATTRIBUTES,
+    World,
+    _seq,
+    get_world,
+)  # fmt: skip
 
 _SPLITS = {"train": 0, "test": 1}
 
@@ -24,6 +33,7 @@ def render_eval_set(
     size: int = 64,
     seed: int = 0,
     split: str = "train",
+    world: str | World = "default",
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """A labelled, class-balanced set for linear probes / kNN: ``(images, labels, class_names)``.
 
@@ -32,7 +42,8 @@ def render_eval_set(
     torchvision's ``ImageFolder`` after :func:`write_image_folder`). Each image fixes ``attribute``
     to its class, draws the other attributes uniformly and the nuisance independently from the prior
     (no caption modes, no mismatches, occluders with probability 0.3 per slot), in a seed space
-    disjoint from generation; ``split="train"`` and ``"test"`` use disjoint seeds.
+    disjoint from generation; ``split="train"`` and ``"test"`` use disjoint seeds. ``world`` renders
+    by that world's rules (its fixed attributes, rotation and occluders), as its generator does.
     """
     attribute = _ALIASES.get(attribute, attribute)
     if attribute not in ATTRIBUTES:
@@ -44,22 +55,35 @@ def render_eval_set(
     images = np.empty((per_class * num_classes, size, size, 3), dtype=np.uint8)
     labels = np.repeat(np.arange(num_classes, dtype=np.int64), per_class)
     for idx in range(len(labels)):
-        images[idx] = render_eval_image(attribute, int(labels[idx]), idx % per_class, size, seed, split)
+        images[idx] = render_eval_image(
+            attribute, int(labels[idx]), idx % per_class, size, seed, split, world
+        )
     return images, labels, class_names
 
 
 def render_eval_image(
-    attribute: str, label: int, index: int, size: int = 64, seed: int = 0, split: str = "train"
+    attribute: str,
+    label: int,
+    index: int,
+    size: int = 64,
+    seed: int = 0,
+    split: str = "train",
+    world: str | World = "default",
 ) -> np.ndarray:
     """Image ``index`` of class ``label`` of :func:`render_eval_set`, alone: a streamed evaluation
     renders any row without the rest of its set."""
     attribute = _ALIASES.get(attribute, attribute)
     a = _ATTR_NAMES.index(attribute)
+    world = get_world(world)
+    if a in world.fixed_codes():
+        raise ValueError(f"attribute: {attribute!r} is fixed in simulator world {world.name!r}; nothing to classify")
     class_names = sorted(ATTRIBUTES[attribute])
     rng = np.random.default_rng(_seq([seed, _SPLITS[split], a, label, index], _KEY_EVAL))
     codes = rng.integers(0, _ATTR_SIZES)
+    for fixed, code in world.fixed_codes().items():
+        codes[fixed] = code
     codes[a] = ATTRIBUTES[attribute].index(class_names[label])
-    return render_attributes(dict(zip(_ATTR_NAMES, codes.tolist())), size, rng)
+    return render_attributes(dict(zip(_ATTR_NAMES, codes.tolist())), size, rng, world=world)
 
 
 def write_image_folder(root: str | Path, images: np.ndarray, labels: np.ndarray, class_names: list[str]) -> Path:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .world import _ATTR_NAMES, _EVAL_OCCLUDER_P, ATTRIBUTES, SHAPES
+from .world import _ATTR_NAMES, _EVAL_OCCLUDER_P, ATTRIBUTES, SHAPES, WORLDS, World, get_world
 
 _COLOR_RGB = np.array(
     [
@@ -132,8 +132,10 @@ def _render(
     occluder_p: float,
     noise_rng: np.random.Generator,
     noise_sigma: float,
+    world: World = WORLDS["default"],
 ) -> np.ndarray:
-    """One uint8 (size, size, 3) image of attribute ``codes`` with nuisance ``theta``."""
+    """One uint8 (size, size, 3) image of attribute ``codes`` with nuisance ``theta``, objects sized
+    and turned by ``world``'s rules."""
     shape_k, color_k, texture_k, bg_k, count_k = (int(c) for c in codes)
     S = float(size)
     ss = _supersample(size)
@@ -145,7 +147,7 @@ def _render(
 
     # layout: objects on a circle of radius `spread` around the group centre
     k = count_k + 1
-    r = _BASE_RADIUS[count_k] * S * math.exp(0.22 * theta[_T_SCALE])
+    r = _BASE_RADIUS[count_k] * world.scale * S * math.exp(0.22 * theta[_T_SCALE])
     spread = r * _SPREAD[count_k] * (1.0 + 0.12 * theta[_T_SPREAD])  # objects barely touch at worst
     extent = spread + r * _SHAPE_EXTENT * math.exp(0.08)
     half_range = max(0.0, S / 2 - extent)
@@ -159,7 +161,7 @@ def _render(
         a = phi + 2 * math.pi * i / k
         cx, cy = gx + spread * math.cos(a), gy + spread * math.sin(a)
         ri = r * math.exp(0.08 * theta[_T_OSCALE][i])
-        rot = math.pi * theta[_T_ROT][i]
+        rot = math.pi * world.rotation * theta[_T_ROT][i]
         c, s = math.cos(rot), math.sin(rot)
         reach = ri * _SHAPE_EXTENT + 1.0
         x0, x1 = max(0, int(cx - reach)), min(size, int(math.ceil(cx + reach)))
@@ -242,9 +244,14 @@ def render_attributes(
     seed: int | np.random.SeedSequence | np.random.Generator = 0,
     occluder_p: float = _EVAL_OCCLUDER_P,
     noise_sigma: float = 5.0 / 255.0,
+    world: str | World = "default",
 ) -> np.ndarray:
-    """One image of exactly ``attributes`` (names or integer codes) with nuisance drawn from the prior."""
+    """One image of exactly ``attributes`` (names or integer codes) with nuisance drawn from the prior
+    (objects sized and turned by ``world``'s rules, no occluders where it has none; its fixed
+    attributes are the caller's to apply)."""
+    world = get_world(world)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     theta = rng.uniform(-1, 1, _NUISANCE_DIM)
     occ = rng.random((_NUM_OCC_SLOTS, _OCC_FIELDS))
-    return _render(_to_codes(attributes), theta, size, occ, occluder_p, rng, noise_sigma)
+    occluder_p = occluder_p if world.occluders else 0.0
+    return _render(_to_codes(attributes), theta, size, occ, occluder_p, rng, noise_sigma, world)

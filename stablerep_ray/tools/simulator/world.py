@@ -14,6 +14,7 @@ import functools
 import hashlib
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -72,6 +73,68 @@ _TEMPLATES = (
     "an illustration of {count} {color} {texture} {shapes} on a {background} background",
 )
 _ONE_WORDS = ("a", "one", "a single")
+# worlds that render one solid object: captions name its colour, shape and background
+_ONE_OBJECT_TEMPLATES = (
+    "a {color} {shapes} on a {background} background",
+    "a photo of a {color} {shapes} against a {background} background",
+    "a {background} background with a {color} {shapes}",
+    "an illustration of a {color} {shapes} on a {background} background",
+)
+# a caption that names only the shape: one text per shape, so all of a shape's rows share a caption id
+_SHAPE_ONLY_TEMPLATE = "a photo of a {shapes}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Worlds: how much nuisance the renderer adds and what a caption that leaves an attribute out means
+@dataclass(frozen=True)
+class World:
+    """The rules one simulator world renders by (``generator.world``; the eval spec's world token).
+
+    ``rotation``: largest object rotation in half-turns (1: any angle). ``scale``: object size against
+    the default world's (a smaller object also moves over more of the image). ``occluders``: small neutral
+    rectangles and discs over the scene. ``fixed``: attributes rendered at one value whatever the
+    caption says. ``unnamed``: an attribute the caption does not name is ``"caption"``-fixed (from a
+    hash of the text, so any caption source maps to learnable images) or drawn afresh for each
+    ``"image"``, as a diffusion model does with a colour its prompt leaves open. ``modes``: the nuisance
+    mode a group's images spread around (guidance scale sets how far) belongs to the ``"caption"``
+    text or to the ``"row"`` (each time the caption appears in the stream); with a few captions
+    repeated thousands of times, per-caption modes would tie each to one pose, place and lighting.
+    """
+
+    name: str
+    rotation: float = 1.0
+    scale: float = 1.0
+    occluders: bool = True
+    fixed: tuple[tuple[str, str], ...] = ()
+    unnamed: str = "caption"
+    modes: str = "caption"
+    templates: tuple[str, ...] = _TEMPLATES
+
+    def fixed_codes(self) -> dict[int, int]:
+        """``{attribute index: code}`` of the attributes this world renders at one value."""
+        return {_ATTR_NAMES.index(a): ATTRIBUTES[a].index(v) for a, v in self.fixed}
+
+
+#: ``default``: everything varies (full rotation, textures, 1-3 objects, occluders); colour is
+#: learnable in CPU minutes, shape is not. ``simple``: one solid object, upright within +-36 degrees,
+#: no occluders, unnamed attributes drawn per image, a nuisance mode per row: shape is learnable in CPU
+#: minutes from captions that name only the shape (docs/learning.md, "Colour, not shape").
+WORLDS = {
+    "default": World("default"),
+    "simple": World(
+        "simple", rotation=0.2, scale=0.75, occluders=False, fixed=(("texture", "solid"), ("count", "one")),
+        unnamed="image", modes="row", templates=_ONE_OBJECT_TEMPLATES,
+    ),
+}  # fmt: skip
+
+
+def get_world(world: str | World) -> World:
+    if isinstance(world, World):
+        return world
+    try:
+        return WORLDS[world]
+    except KeyError:
+        raise ValueError(f"simulator world {world!r} is not one of {sorted(WORLDS)}") from None
 
 
 def _seq(entropy: list[int], key: int | None = None) -> np.random.SeedSequence:
@@ -81,13 +144,15 @@ def _seq(entropy: list[int], key: int | None = None) -> np.random.SeedSequence:
     return np.random.SeedSequence(entropy, spawn_key=(key,))
 
 
-_KEY_MODE, _KEY_EVAL, _KEY_CAPTIONS = 1, 2, 3
+_KEY_MODE, _KEY_EVAL, _KEY_CAPTIONS, _KEY_UNNAMED = 1, 2, 3, 4
 
 
-def _caption_text(values: Mapping[str, str], template: int, one_word: str = "a") -> str:
+def _caption_text(values: Mapping[str, str], template: int | str, one_word: str = "a") -> str:
+    """``values`` written out by ``template`` (a format string, or an index into ``_TEMPLATES``)."""
     n = values["count"]
     shape = values["shape"]
-    text = _TEMPLATES[template].format(
+    template = _TEMPLATES[template] if isinstance(template, int) else template
+    text = template.format(
         count=one_word if n == "one" else n,
         color=values["color"],
         texture=values["texture"],
@@ -98,20 +163,33 @@ def _caption_text(values: Mapping[str, str], template: int, one_word: str = "a")
     return re.sub(r"\ba ([aeiou])", r"an \1", text)
 
 
-def make_captions(num: int, seed: int = 0) -> list[str]:
+def make_captions(
+    num: int, seed: int = 0, world: str | World = "default", shape_only: float = 0.0, shape_only_first: int = 0
+) -> list[str]:
     """``num`` templated captions with uniformly random attributes, deterministic in ``seed``.
 
     E.g. "two red striped stars on a blue background", "a photo of a dotted orange heart against a
-    sand background". :func:`parse_caption` recovers every attribute exactly.
+    sand background"; in the ``simple`` world "a red star on a blue background" (its captions name
+    only what it varies). :func:`parse_caption` recovers every attribute named. A ``shape_only`` share
+    of them names only the shape ("a photo of a star"): in a world that draws unnamed attributes per
+    image, such a caption's images share only their shape, so shape is what tells them apart. The
+    first ``shape_only_first`` of them all name only the shape: read in order, they are a warm-up in
+    which shape is learned before colour, the faster cue, can crowd it out.
     """
+    world = get_world(world)
     rng = np.random.default_rng(_seq([seed], _KEY_CAPTIONS))
     codes = rng.integers(0, _ATTR_SIZES, size=(num, len(_ATTR_SIZES)))
-    templates = rng.integers(0, len(_TEMPLATES), size=num)
+    templates = rng.integers(0, len(world.templates), size=num)
     ones = rng.integers(0, len(_ONE_WORDS), size=num)
+    only_shape = rng.random(num) < shape_only if shape_only > 0 else np.zeros(num, dtype=bool)
+    only_shape[:shape_only_first] = True
+    for a, code in world.fixed_codes().items():
+        codes[:, a] = code
     out = []
-    for row, t, o in zip(codes, templates, ones):
+    for row, t, o, short in zip(codes, templates, ones, only_shape):
         values = {a: ATTRIBUTES[a][k] for a, k in zip(_ATTR_NAMES, row)}
-        out.append(_caption_text(values, int(t), _ONE_WORDS[o]))
+        template = _SHAPE_ONLY_TEMPLATE if short else world.templates[t]
+        out.append(_caption_text(values, template, _ONE_WORDS[o]))
     return out
 
 
@@ -150,7 +228,7 @@ _BACKGROUND_NOUNS = {"background", "backgrounds", "backdrop"}
 def caption_words() -> list[str]:
     """Every word the caption templates and the parser know (for a word-level tokenizer)."""
     words = set().union(*(set(m) for m in _WORDS.values())) | _BACKGROUND_NOUNS
-    for t in _TEMPLATES:
+    for t in _TEMPLATES + _ONE_OBJECT_TEMPLATES + (_SHAPE_ONLY_TEMPLATE,):
         words |= set(re.findall(r"[a-z]+", re.sub(r"\{[a-z]+\}", " ", t)))
     words |= {"a", "an"} | {w for one in _ONE_WORDS for w in one.split()}
     return sorted(words)
