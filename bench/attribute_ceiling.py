@@ -2,13 +2,15 @@
 
     uv run python -m bench.attribute_ceiling --attribute shape --steps 400
     uv run python -m bench.attribute_ceiling --attribute shape --steps 400 --set model.stem=conv
+    uv run python -m bench.attribute_ceiling --config configs/spatial-quickstart.yaml --steps 200
 
 A supervised ceiling for the self-supervised runs of ``bench.learning``: the config's encoder (its
 architecture, input size and initialisation) plus a linear classifier, trained with cross-entropy on
 the attribute's labels, on fresh simulator images each step (every attribute drawn uniformly, nuisance
-from the prior, evaluation preprocessing, no augmentation), ``--batch-size`` images per step, AdamW at
-a constant ``--lr``. Every ``--every`` steps it prints the held-out kNN of the encoder's CLS features
-on ``--probe`` attributes (the sets and scorer ``bench.learning`` uses). If labels cannot teach an
+from the prior, in the config's ``generator.world``, evaluation preprocessing, no augmentation),
+``--batch-size`` images per step, AdamW at a constant ``--lr``. Every ``--every`` steps it prints the
+held-out kNN of the encoder's CLS features on ``--probe`` attributes (the sets and scorer
+``bench.learning`` uses). If labels cannot teach an
 attribute in N steps, no contrastive objective will within N steps either, and the cause is the
 encoder or the renderer, not the objective (docs/learning.md, "What the encoder can see").
 In-process, no Ray: it measures the model, not the pipeline.
@@ -43,14 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     from stablerep_ray.augment import eval_transform
     from stablerep_ray.config import load_config
     from stablerep_ray.models import build_model
-    from stablerep_ray.tools.simulator import ATTRIBUTES, render_attributes
+    from stablerep_ray.tools.simulator import ATTRIBUTES, WORLDS, render_attributes
 
     config = load_config(args.config, args.overrides)
     names = list(ATTRIBUTES)
     target = names.index(args.attribute)
     size, image_size = config.generator.output_size, config.model.image_size
     probes = args.probe or [args.attribute]
-    score = knn_scorer(probes, args.per_class, size, image_size, config.eval.knn_k, config.eval.knn_temperature)
+    world = WORLDS[config.generator.world]
+    score = knn_scorer(probes, args.per_class, size, image_size, config.eval.knn_k, config.eval.knn_temperature,
+                       world.name)
     torch.manual_seed(args.seed)
     model = build_model(config)
     classifier = torch.nn.Linear(model.encoder.num_features, len(ATTRIBUTES[args.attribute]))
@@ -65,13 +69,17 @@ def main(argv: list[str] | None = None) -> int:
               + f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     print(f"# {common.command_line(MODULE)}\n# {config.model.name} {config.model.kwargs} stem={config.model.stem}, "
+          f"world {world.name}, "
           f"{size} px rendered -> {image_size} px; supervised on {args.attribute} "
           f"(chance {1 / sizes[target]:.3f})", flush=True)
     t0 = time.perf_counter()
     show(0, float("nan"), t0)
     for step in range(1, args.steps + 1):
         codes = rng.integers(0, sizes, size=(args.batch_size, len(names)))
-        images = np.stack([render_attributes(dict(zip(names, c.tolist())), size, rng) for c in codes])
+        for a, code in world.fixed_codes().items():
+            codes[:, a] = code
+        images = np.stack([render_attributes(dict(zip(names, c.tolist())), size, rng, world=world)
+                           for c in codes])
         logits = classifier(model.features(eval_transform(images, image_size)))
         loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(codes[:, target]))
         optimizer.zero_grad(set_to_none=True)

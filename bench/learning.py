@@ -45,22 +45,34 @@ MODULE = "bench.learning"
 
 
 def knn_scorer(attributes: list[str], per_class: int, size: int, image_size: int, k: int = 20,
-               temperature: float = 0.07):
-    """``score(model) -> {attribute: kNN top-1}`` on the simulator's held-out sets (rendered once)."""
+               temperature: float = 0.07, world: str = "default"):
+    """``score(model) -> {attribute: kNN top-1}`` on the simulator's held-out sets of ``world``
+    (rendered once); ``score(None)`` scores the raw pixels of the views the model would see
+    (centred on the bank's mean, cosine), the baseline a learned encoder must beat."""
+    import torch
+
+    from stablerep_ray.augment import eval_transform
     from stablerep_ray.evaluation import extract_features, knn_accuracy
     from stablerep_ray.tools.simulator import render_eval_set
 
     sets = {}
     for attr in attributes:
-        bank, bank_labels, names = render_eval_set(attr, per_class, size, seed=0, split="train")
-        query, query_labels, _ = render_eval_set(attr, per_class, size, seed=0, split="test")
+        bank, bank_labels, names = render_eval_set(attr, per_class, size, seed=0, split="train", world=world)
+        query, query_labels, _ = render_eval_set(attr, per_class, size, seed=0, split="test", world=world)
         sets[attr] = (bank, bank_labels, query, query_labels, len(names))
+
+    def pixels(bank, query):
+        fb, fq = (eval_transform(x, image_size).flatten(1) for x in (bank, query))
+        mean = fb.mean(0)
+        return (torch.nn.functional.normalize(f - mean, dim=1) for f in (fb, fq))
 
     def score(model) -> dict[str, float]:
         out = {}
         for attr, (bank, bank_labels, query, query_labels, num_classes) in sets.items():
-            fb = extract_features(model, bank, image_size)
-            fq = extract_features(model, query, image_size)
+            if model is None:
+                fb, fq = pixels(bank, query)
+            else:
+                fb, fq = (extract_features(model, x, image_size) for x in (bank, query))
             out[attr] = knn_accuracy(fb, bank_labels, fq, query_labels, k, temperature, num_classes)
         return out
 
@@ -134,11 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         attributes = [spec.split(":")[1] for spec in base.eval.data_specs if spec.startswith("simulator:")]
         attributes = attributes or ["color"]
     score = knn_scorer(attributes, args.per_class, base.generator.output_size, base.model.image_size,
-                       base.eval.knn_k, base.eval.knn_temperature)
+                       base.eval.knn_k, base.eval.knn_temperature, base.generator.world)
+    pixel_acc = score(None)
     command = f"uv run python -m {MODULE}" + (f" {shlex.join(sys.argv[1:])}" if sys.argv[1:] else "")
     print(f"# {command}\n# config {args.config}: {steps} steps x {base.train.batch_size} views, "
           f"m={base.stream.images_per_group}, w={base.generator.guidance_scale}, seeds {args.seeds}, "
-          f"kNN on {attributes} ({args.per_class}/class bank + queries)", flush=True)
+          f"kNN on {attributes} ({args.per_class}/class bank + queries, world {base.generator.world})\n"
+          "pixels             : " + "  ".join(f"{a} {v:.3f}" for a, v in pixel_acc.items()), flush=True)
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     configure_data_context()
@@ -183,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(steps x {base.train.batch_size} encoder views, budget: equal {args.budget})")
     print("| objective | steps | " + " | ".join(f"{a} (chance {chance[a]:.2f})" for a in attributes) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in attributes) + " |")
+    print("| raw pixels | 0 | " + " | ".join(f"{pixel_acc[a]:.3f}" for a in attributes) + " |")
     for objective, per_attr in summary.items():
         cells = [f"{s['mean']:.3f} +- {s['std']:.3f}" for s in per_attr.values()]
         print(f"| {objective} | {steps_of.get(objective, 0)} | " + " | ".join(cells) + " |")
@@ -214,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         "attributes": attributes,
         "per_class": args.per_class,
         "chance": chance,
+        "world": base.generator.world,
+        "pixels": pixel_acc,
         "summary": summary,
         "runs": runs,
         "seconds": round(elapsed, 1),
