@@ -180,12 +180,15 @@ def without_noise(lines: list[str]) -> list[str]:
 
 
 def drop_forwarded_noise() -> None:
-    """Wrap the driver's printers of forwarded worker output so ``FORWARDED_NOISE`` lines are dropped.
+    """Wrap the driver's printers of forwarded output so ``FORWARDED_NOISE`` lines are dropped: the
+    dispatcher of worker logs, and the printer the raylet's warnings (published as error messages,
+    such as the worker start-up one) reach directly.
 
-    Ray has no public hook for this; its dispatcher lives in ``ray._private``. Where that moves in a
-    later Ray, nothing is filtered and the lines show, as they did before.
+    Ray has no public hook for this; both live in ``ray._private``. Where they move in a later Ray,
+    nothing is filtered and the lines show, as they did before.
     """
     try:
+        import ray._private.worker as ray_worker
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
         return
@@ -202,6 +205,13 @@ def drop_forwarded_noise() -> None:
     with dispatcher._lock:
         dispatcher.handlers = [(name, h if hasattr(h, "unfiltered") else filtered(h))
                                for name, h in dispatcher.handlers]
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is not None and not hasattr(printer, "unfiltered"):
+        def print_to_stdstream(data: dict, *args, **kwargs) -> None:
+            filtered(functools.partial(printer, *args, **kwargs))(data)
+
+        print_to_stdstream.unfiltered = printer
+        ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def _without_timeout_traceback(record: logging.LogRecord) -> bool:

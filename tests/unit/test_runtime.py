@@ -83,3 +83,23 @@ def test_forwarded_worker_noise_goes_and_the_rest_stays():
         dispatcher.handlers = saved
     assert [d["lines"] for d in printed] == [["Traceback: a real error"]]
     assert printed[0]["pid"] == 7
+
+
+def test_raylet_warnings_sent_as_error_messages_are_filtered_too(capsys):
+    """The raylet's worker start-up warning reaches the driver as an error message, printed by
+    ``ray._private.worker.print_to_stdstream`` directly, not through the dispatcher."""
+    import ray._private.worker as ray_worker
+
+    saved = ray_worker.print_to_stdstream
+    original = getattr(saved, "unfiltered", saved)  # an earlier test may have wrapped it already
+    try:
+        runtime.drop_forwarded_noise()
+        runtime.drop_forwarded_noise()
+        assert ray_worker.print_to_stdstream.unfiltered is original  # wrapped once
+        for line in ("WARNING: 8 PYTHON worker processes have been started on node: abc ...", "a real warning"):
+            ray_worker.print_to_stdstream({"lines": [line], "pid": "raylet", "is_err": False},
+                                          ignore_prefix=False)
+    finally:
+        ray_worker.print_to_stdstream = saved
+    out = capsys.readouterr().out
+    assert "a real warning" in out and "PYTHON worker processes" not in out
