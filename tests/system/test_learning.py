@@ -54,7 +54,8 @@ def local_ray():
     ray.shutdown()
 
 
-def knn_top1(model: torch.nn.Module, attribute: str, image_size: int, size: int, world: str) -> float:
+def knn_top1(model: torch.nn.Module, image_size: int, size: int, attribute: str = "color",
+             world: str = "default") -> float:
     bank, bank_labels, names = render_eval_set(attribute, PER_CLASS, size, seed=0, split="train", world=world)
     query, query_labels, _ = render_eval_set(attribute, PER_CLASS, size, seed=0, split="test", world=world)
     fb = extract_features(model, bank, image_size)
@@ -104,8 +105,8 @@ def test_training_beats_random_init_on_held_out_knn(tmp_path, config_file, attri
     assert saved.model == config.model
 
     size, world = config.generator.output_size, config.generator.world
-    acc_random = knn_top1(random_init, attribute, config.model.image_size, size, world)
-    acc_trained = knn_top1(trained, attribute, config.model.image_size, size, world)
+    acc_random = knn_top1(random_init, config.model.image_size, size, attribute, world)
+    acc_trained = knn_top1(trained, config.model.image_size, size, attribute, world)
     print(f"kNN top-1 on held-out simulator:{attribute}:{world}: random init {acc_random:.3f}, "
           f"after {steps} steps {acc_trained:.3f} (training {train_s:.0f}s)")
     assert np.isfinite(result.metrics["loss"])
