@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     show(0, float("nan"), t0)
     for step in range(1, args.steps + 1):
         codes = rng.integers(0, sizes, size=(args.batch_size, len(names)))
-        for a, code in world.fixed_codes().items():
-            codes[:, a] = code
+        world.apply_fixed(codes)
         images = np.stack([render_attributes(dict(zip(names, c.tolist())), size, rng, world=world)
                            for c in codes])
         logits = classifier(model.features(eval_transform(images, image_size)))

@@ -302,14 +302,13 @@ def check_eval_data(data: str | list[str], simulator_world: str | None = None) -
     for i, spec in enumerate(specs):
         try:
             checked.append(check_data_spec(spec))
-            for item in filter(None, checked[-1]):
-                world = parse_simulator(item).world if is_simulator_spec(item) else simulator_world
-                if simulator_world is not None and world != simulator_world:
-                    attribute = parse_simulator(item).attribute
+            for item in filter(is_simulator_spec, filter(None, checked[-1]) if simulator_world else ()):
+                parsed = parse_simulator(item)
+                if parsed.world != simulator_world:
                     raise ConfigError(
-                        f"eval data {spec!r} is rendered in simulator world {world!r} but "
-                        f"generator.world is {simulator_world!r}; write "
-                        f"simulator:{attribute}" + ("" if simulator_world == "default" else f":{simulator_world}")
+                        f"eval data {spec!r} is rendered in simulator world {parsed.world!r} but "
+                        f"generator.world is {simulator_world!r}; write simulator:{parsed.attribute}"
+                        + ("" if simulator_world == "default" else f":{simulator_world}")
                     )
         except ConfigError as err:
             if isinstance(data, str):

@@ -58,12 +58,10 @@ def _generate_one(
     if world.unnamed == "image" and not named.all():
         drawn = np.random.default_rng(_seq([seed, caption_id, j], _KEY_UNNAMED)).integers(0, _ATTR_SIZES)
         used = np.where(named, used, drawn)
-    for a, code in world.fixed_codes().items():
-        used[a] = code
+    world.apply_fixed(used)
     theta = mode + d * (eps - mode)
     sigma = (2.0 + 6.0 * d) / 255.0
-    occluder_p = _OCCLUDER_P * d if world.occluders else 0.0
-    return _render(used, theta, size, occ, occluder_p, rng, sigma, world), used
+    return _render(used, theta, size, occ, _OCCLUDER_P * d, rng, sigma, world), used
 
 
 def generate_caption_images(

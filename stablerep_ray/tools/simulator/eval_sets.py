@@ -75,13 +75,12 @@ def render_eval_image(
     attribute = _ALIASES.get(attribute, attribute)
     a = _ATTR_NAMES.index(attribute)
     world = get_world(world)
-    if a in world.fixed_codes():
+    if a in world.fixed_codes:
         raise ValueError(f"attribute: {attribute!r} is fixed in simulator world {world.name!r}; nothing to classify")
     class_names = sorted(ATTRIBUTES[attribute])
     rng = np.random.default_rng(_seq([seed, _SPLITS[split], a, label, index], _KEY_EVAL))
     codes = rng.integers(0, _ATTR_SIZES)
-    for fixed, code in world.fixed_codes().items():
-        codes[fixed] = code
+    world.apply_fixed(codes)
     codes[a] = ATTRIBUTES[attribute].index(class_names[label])
     return render_attributes(dict(zip(_ATTR_NAMES, codes.tolist())), size, rng, world=world)
 

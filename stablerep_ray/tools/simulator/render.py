@@ -135,7 +135,9 @@ def _render(
     world: World = WORLDS["default"],
 ) -> np.ndarray:
     """One uint8 (size, size, 3) image of attribute ``codes`` with nuisance ``theta``, objects sized
-    and turned by ``world``'s rules."""
+    and turned by ``world``'s rules (occluders only where it has them)."""
+    if not world.occluders:
+        occluder_p = 0.0
     shape_k, color_k, texture_k, bg_k, count_k = (int(c) for c in codes)
     S = float(size)
     ss = _supersample(size)
@@ -248,10 +250,9 @@ def render_attributes(
 ) -> np.ndarray:
     """One image of exactly ``attributes`` (names or integer codes) with nuisance drawn from the prior
     (objects sized and turned by ``world``'s rules, no occluders where it has none; its fixed
-    attributes are the caller's to apply)."""
+    attributes are the caller's to apply: ``World.apply_fixed``)."""
     world = get_world(world)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     theta = rng.uniform(-1, 1, _NUISANCE_DIM)
     occ = rng.random((_NUM_OCC_SLOTS, _OCC_FIELDS))
-    occluder_p = occluder_p if world.occluders else 0.0
     return _render(_to_codes(attributes), theta, size, occ, occluder_p, rng, noise_sigma, world)

@@ -110,9 +110,16 @@ class World:
     modes: str = "caption"
     templates: tuple[str, ...] = _TEMPLATES
 
+    @functools.cached_property
     def fixed_codes(self) -> dict[int, int]:
         """``{attribute index: code}`` of the attributes this world renders at one value."""
         return {_ATTR_NAMES.index(a): ATTRIBUTES[a].index(v) for a, v in self.fixed}
+
+    def apply_fixed(self, codes: np.ndarray) -> np.ndarray:
+        """``codes`` (last axis: attributes) with this world's fixed attributes set, in place."""
+        for a, code in self.fixed_codes.items():
+            codes[..., a] = code
+        return codes
 
 
 #: ``default``: everything varies (full rotation, textures, 1-3 objects, occluders); colour is
@@ -183,8 +190,7 @@ def make_captions(
     ones = rng.integers(0, len(_ONE_WORDS), size=num)
     only_shape = rng.random(num) < shape_only if shape_only > 0 else np.zeros(num, dtype=bool)
     only_shape[:shape_only_first] = True
-    for a, code in world.fixed_codes().items():
-        codes[:, a] = code
+    world.apply_fixed(codes)
     out = []
     for row, t, o, short in zip(codes, templates, ones, only_shape):
         values = {a: ATTRIBUTES[a][k] for a, k in zip(_ATTR_NAMES, row)}
