@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import SYNTH_SOURCE, Config, ConfigError, load_config
+from .config import SIMULATOR_WORLDS, SYNTH_SOURCE, Config, ConfigError, load_config
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--num", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--world", default="default", choices=["default", "simple"],
+    p.add_argument("--world", default="default", choices=SIMULATOR_WORLDS,
                    help="the simulator world (generator.world) whose attributes the captions name")
     p.add_argument("--shape-only", type=float, default=0.0, metavar="SHARE",
                    help="share of captions that name only the shape ('a photo of a star')")

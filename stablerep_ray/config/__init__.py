@@ -8,6 +8,7 @@ starts, so a bad config costs a second, not a GPU reservation. Errors name the k
 from .io import apply_overrides, dump_config, from_dict, load_config, reference_markdown
 from .schema import Config
 from .sections import (
+    SIMULATOR_WORLDS,
     AugmentConfig,
     CaptionsConfig,
     ClusterConfig,
@@ -24,8 +25,8 @@ from .tune import TuneBudgetConfig, TuneConfig, TuneParam, TuneSchedulerConfig
 
 __all__ = [
     "AugmentConfig", "CaptionsConfig", "ClusterConfig", "Config", "ConfigError", "EvalConfig",
-    "GeneratorConfig", "ModelConfig", "SYNTH_SOURCE", "StreamConfig", "SynthConfig", "TextTowerConfig",
-    "TrainConfig",
+    "GeneratorConfig", "ModelConfig", "SIMULATOR_WORLDS", "SYNTH_SOURCE", "StreamConfig", "SynthConfig",
+    "TextTowerConfig", "TrainConfig",
     "TuneBudgetConfig", "TuneConfig", "TuneParam", "TuneSchedulerConfig",
     "apply_overrides", "dump_config", "from_dict", "load_config", "reference_markdown",
 ]

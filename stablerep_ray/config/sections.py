@@ -9,6 +9,10 @@ from pydantic import Field, field_validator
 from .base import ConfigError, _Section  # noqa: F401  (re-exported: the package and tune import them here)
 from .synth import SynthConfig
 
+#: The simulator's worlds (tools/simulator ``WORLDS`` defines them; a unit test keeps the two equal).
+#: Named here, the one place the config, eval specs and the CLI read them from.
+SIMULATOR_WORLDS = ("default", "simple")
+
 
 class CaptionsConfig(_Section):
     source: str = Field(
@@ -42,7 +46,7 @@ class GeneratorConfig(_Section):
         description="'diffusers': a diffusers text-to-image pipeline loaded with from_pretrained(model). "
         "'simulator': the procedural offline text-to-image simulator (development, CI, demos).",
     )
-    world: Literal["default", "simple"] = Field(
+    world: Literal[SIMULATOR_WORLDS] = Field(
         "default",
         description="Simulator backend: the world it renders. 'default': full rotation, textures, "
         "1-3 objects, occluders (colour is learnable in CPU minutes, shape is not); 'simple': one solid "

@@ -15,7 +15,7 @@ import os
 import re
 from typing import NamedTuple
 
-from ..config import ConfigError
+from ..config import SIMULATOR_WORLDS, ConfigError
 from ..storage import open_filesystem
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
@@ -23,7 +23,6 @@ LABEL_COLUMNS = ("label", "labels", "class", "target", "fine_label")
 SIMULATOR_PREFIX = "simulator"
 SIMULATOR_SPLITS = ("train", "test")
 SIMULATOR_PER_CLASS = 50
-SIMULATOR_WORLDS = ("default", "simple")  # the simulator's WORLDS (a test keeps them equal)
 SIMULATOR_FORM = "simulator:<attribute>[:<world>][:train|test][:per_class]"
 SPEC_HELP = (
     "pass an ImageFolder directory (root/<class>/<image>.png|jpg), a parquet file or directory "

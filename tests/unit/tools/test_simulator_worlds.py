@@ -9,13 +9,13 @@ import typing
 import numpy as np
 import pytest
 
-from stablerep_ray.config import ConfigError, GeneratorConfig
+from stablerep_ray.config import SIMULATOR_WORLDS, ConfigError, GeneratorConfig
 from stablerep_ray.evaluation import check_eval_data, parse_data_spec
-from stablerep_ray.evaluation.specs import SIMULATOR_WORLDS, parse_simulator
+from stablerep_ray.evaluation.specs import parse_simulator
 from stablerep_ray.tools import simulator as sim
 
 
-def test_every_place_that_names_worlds_agrees():
+def test_the_config_names_the_worlds_the_simulator_defines():
     config_worlds = typing.get_args(GeneratorConfig.model_fields["world"].annotation)
     assert set(config_worlds) == set(SIMULATOR_WORLDS) == set(sim.WORLDS)
 
