@@ -167,10 +167,13 @@ def quiet_ray_logs() -> None:
 # Lines that Ray's raylet and C++ core workers write to their own stderr, which the driver forwards
 # (no Python logger to filter): a sweep starting many actors at once makes the raylet warn about its
 # worker start-up concurrency, and every actor restartable with object-store arguments (Ray Train's
-# controller, Ray Data's split coordinator) logs ray-project/ray#53727 at start. Neither is about the run.
+# controller, Ray Data's split coordinator) logs ray-project/ray#53727 at start, and when a run ends Ray
+# Data's teardown of the generator pool (ray.kill) makes the raylet report the task it had queued on
+# the killed actor as a failed submit to be retried. None of them is about the run.
 FORWARDED_NOISE = (
     "PYTHON worker processes have been started on node",
     "has constructor arguments in the object store and max_restarts > 0",
+    "The actor is dead because it was killed by `ray.kill`",
 )
 
 

@@ -76,6 +76,9 @@ def test_forwarded_worker_noise_goes_and_the_rest_stays():
             "[2026-11-27 20:33:09,911 E 30835 30895] core_worker.cc:2465: Actor with class name: "
             "'PreemptionWatcher' and ID: '7dfa' has constructor arguments in the object store and "
             "max_restarts > 0. If the arguments in the object store go out of scope ...",
+            "Task MapWorker(MapBatches(GeneratorActor)).submit failed. There are infinite retries "
+            "remaining, so the task will be retried. Error: The actor is dead because it was killed by "
+            "`ray.kill`.",
         ]
         dispatcher.emit({"pid": "raylet", "is_err": True, "lines": noise})
         dispatcher.emit({"pid": 7, "is_err": True, "lines": [noise[1], "Traceback: a real error"]})
