@@ -5,6 +5,7 @@ from .files import (
     EMPTY_CHUNK_ID,
     caption_id,
     caption_rows,
+    count_captions_per_pass,
     inspect_captions,
     normalise_caption,
     plan_chunks,
@@ -13,6 +14,6 @@ from .files import (
 )
 
 __all__ = [
-    "EMPTY_CHUNK_ID", "caption_id", "caption_rows", "inspect_captions", "normalise_caption", "plan_chunks",
-    "read_captions", "read_chunk",
+    "EMPTY_CHUNK_ID", "caption_id", "caption_rows", "count_captions_per_pass", "inspect_captions",
+    "normalise_caption", "plan_chunks", "read_captions", "read_chunk",
 ]

@@ -32,7 +32,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..config import CaptionsConfig, ConfigError
+from ..config import SYNTH_SOURCE, CaptionsConfig, ConfigError
 from ..storage import open_filesystem
 
 logger = logging.getLogger(__name__)
@@ -331,6 +331,13 @@ def inspect_captions(cfg: CaptionsConfig, max_rows: int = 200_000) -> CaptionSta
     return CaptionStats(captions, blanks, complete=True)
 
 
+def count_captions_per_pass(cfg: CaptionsConfig) -> int:
+    """Captions in one pass over the source (a lower bound past ``inspect_captions``' row limit); 0 for
+    ``synth``, an endless stream of prompt indices. ``read_captions`` sizes its passes by it: guessed
+    low, it plans passes the run never uses and Ray Data reads ahead into them."""
+    return 0 if cfg.source == SYNTH_SOURCE else inspect_captions(cfg).captions
+
+
 def read_chunks(batch: dict, cfg: CaptionsConfig, chunks: list[Chunk]) -> Iterator[pa.Table]:
     """Ray Data map_batches fn: stream chunk numbers -> caption rows, one table per chunk."""
     for seq in batch["chunk"]:
@@ -361,6 +368,15 @@ def caption_rows(seq: int, positions: list[int], texts: list[str]) -> dict[str, 
     }
 
 
+def stream_chunks(num_chunks: int, start_chunk: int, num_captions: int, captions_per_pass: int) -> range:
+    """Stream chunk numbers from ``start_chunk`` to the end of the pass that holds ``num_captions``
+    more captions, with at least ``captions_per_pass`` in a pass (unknown, 0: one a chunk)."""
+    passes = start_chunk // num_chunks + 1
+    if num_captions:
+        passes += -(-num_captions // max(captions_per_pass, num_chunks))
+    return range(start_chunk, passes * num_chunks)
+
+
 def read_captions(cfg: CaptionsConfig, start_chunk: int = 0, num_captions: int = 0,
                   captions_per_pass: int = 0):
     """A lazy Ray Dataset of caption rows from stream chunk ``start_chunk`` on.
@@ -371,10 +387,8 @@ def read_captions(cfg: CaptionsConfig, start_chunk: int = 0, num_captions: int =
     import ray.data
 
     chunks = plan_chunks(cfg)
-    passes = start_chunk // len(chunks) + 1
-    if cfg.repeat and num_captions:
-        passes += -(-num_captions // max(captions_per_pass, len(chunks)))
-    seqs = [{"chunk": s} for s in range(start_chunk, passes * len(chunks))]
+    seqs = [{"chunk": s} for s in stream_chunks(len(chunks), start_chunk, num_captions if cfg.repeat else 0,
+                                                captions_per_pass)]
     return ray.data.from_items(seqs, override_num_blocks=min(len(seqs), 200)).map_batches(
         read_chunks,
         fn_kwargs={"cfg": cfg, "chunks": chunks},

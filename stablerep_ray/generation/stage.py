@@ -35,12 +35,15 @@ class GeneratorActor:
         return {**batch, "images": images, "num_images": num_images}
 
 
-def build_image_stream(config: Config, start_chunk: int = 0, captions_per_pass: int = 0):
-    """Captions from stream chunk ``start_chunk`` -> generator actor pool: what the trainer consumes."""
+def build_image_stream(config: Config, start_chunk: int = 0, captions_per_pass: int | None = None):
+    """Captions from stream chunk ``start_chunk`` -> generator actor pool: what the trainer consumes.
+    ``captions_per_pass`` (``count_captions_per_pass``) is counted here unless the caller has it."""
     import ray.data
 
-    from ..captions import read_captions
+    from ..captions import count_captions_per_pass, read_captions
 
+    if captions_per_pass is None:
+        captions_per_pass = count_captions_per_pass(config.captions)
     gen, t = config.generator, config.train
     needed = t.steps * t.batch_size // config.group_size // config.stream.reuse + 4 * gen.captions_per_call
     remote_args = {"label_selector": gen.label_selector} if gen.label_selector else {}

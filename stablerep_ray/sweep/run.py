@@ -80,8 +80,9 @@ def _resources_before_ray(config: Config) -> tuple[float, float, str] | None:
     return cpus, gpus, "the local Ray"
 
 
-def run_sweep(config: Config, resume: bool = False, captions_per_pass: int = 0) -> SweepOutputs:
-    """Run (or with ``resume`` finish) the sweep declared in ``config.tune``; returns its outputs."""
+def run_sweep(config: Config, resume: bool = False, captions_per_pass: int | None = None) -> SweepOutputs:
+    """Run (or with ``resume`` finish) the sweep declared in ``config.tune``; returns its outputs.
+    ``captions_per_pass``: from the CLI's caption check, else counted here, once for all trials."""
     plan = plan_sweep(config)
     _check_resume(config, resume)
     local = _resources_before_ray(config)
@@ -107,6 +108,10 @@ def run_sweep(config: Config, resume: bool = False, captions_per_pass: int = 0) 
     if not resume:
         dump_config(config, plan.sweep_dir / "sweep-config.yaml")
 
+    if captions_per_pass is None:
+        from ..captions import count_captions_per_pass
+
+        captions_per_pass = count_captions_per_pass(config.captions)
     trainable = trial_trainable(plan, captions_per_pass)
     if not verbose():  # Tune's newer console prints its banner even at verbose=0; TrialEvents says what matters
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

@@ -13,19 +13,23 @@ DATA_CONSOLE_OPTIONS = ("enable_progress_bars", "enable_operator_progress_bars",
 
 
 def make_trainer(config: Config, max_steps: int | None = None, callbacks: list | None = None,
-                 captions_per_pass: int = 0, progress=None):
+                 captions_per_pass: int | None = None, progress=None):
     """A TorchTrainer whose dataset is rebuilt from the last checkpoint's stream position on every
     (re)start of the worker group, so a restart neither skips nor regenerates the whole stream.
     ``progress``: a ``ray.util.queue.Queue`` that rank 0 sends its log-interval records to
-    (``console.TrainConsole``)."""
+    (``console.TrainConsole``). ``captions_per_pass``: from the caller's caption check (the CLI's
+    preflight), else counted here (``count_captions_per_pass``)."""
     import ray.data
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ..captions import count_captions_per_pass
     from ..console import verbose
     from ..generation import build_image_stream
 
+    if captions_per_pass is None:
+        captions_per_pass = count_captions_per_pass(config.captions)
     t = config.train
     tensorboard_dir = config.run_dir / "tensorboard"
     tensorboard_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +81,7 @@ def make_trainer(config: Config, max_steps: int | None = None, callbacks: list |
     )
 
 
-def fit(config: Config, max_steps: int | None = None, captions_per_pass: int = 0, progress=None):
+def fit(config: Config, max_steps: int | None = None, captions_per_pass: int | None = None, progress=None):
     """Train (or resume) the run ``config.name``; returns Train's Result. Ray must be initialised.
     ``stablerep-ray train`` has checked the resume (``resume.check_resume``) before Ray started."""
     kept = save_run_config(config)

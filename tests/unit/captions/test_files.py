@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from stablerep_ray.captions.files import caption_rows, normalise_caption, plan_chunks, read_chunk
-from stablerep_ray.config import CaptionsConfig, GeneratorConfig
+from stablerep_ray.captions.files import (
+    caption_rows,
+    count_captions_per_pass,
+    normalise_caption,
+    plan_chunks,
+    read_chunk,
+    stream_chunks,
+)
+from stablerep_ray.config import SYNTH_SOURCE, CaptionsConfig, GeneratorConfig
 from stablerep_ray.stream.replay import GroupStream
 from stablerep_ray.tools.simulator import SimulatorGenerator
 
@@ -39,3 +46,17 @@ def test_identical_captions_at_two_places_are_positives_with_different_images(tm
     keys = [0 << 32 | row for row in range(5)]
     assert labels[keys[0]] == labels[keys[2]] and labels[keys[3]] == labels[keys[4]]
     assert labels[keys[0]] != labels[keys[1]], "the loss sees the two places as one caption's positives"
+
+
+def test_the_stream_plans_the_passes_a_run_needs_from_the_counted_captions(tmp_path):
+    """1,032 captions from a one-chunk file of 5,000: the current pass and one more. Unknown (0), every
+    chunk counts as one caption: 1,033 planned passes, which Ray Data reads ahead into (a 4-step
+    run took twice as long), so the trainer and the stream count the captions when not told."""
+    source = tmp_path / "captions.txt"
+    source.write_text("".join(f"caption {i}\n" for i in range(5000)))
+    cfg = CaptionsConfig(source=str(source))
+    assert count_captions_per_pass(cfg) == 5000
+    assert count_captions_per_pass(CaptionsConfig(source=SYNTH_SOURCE)) == 0
+    assert stream_chunks(1, 0, 1032, count_captions_per_pass(cfg)) == range(0, 2)
+    assert stream_chunks(1, 0, 1032, 0) == range(0, 1033)
+    assert stream_chunks(4, 6, 0, 5000) == range(6, 8), "no repeat: to the end of the current pass"
