@@ -56,7 +56,7 @@ def build_image_stream(config: Config, start_chunk: int = 0, captions_per_pass: 
     # One block per generator call: a map task emits its output only when its input block is done,
     # so a 10k-caption chunk would otherwise hold back every image for hours.
     captions = captions.repartition(target_num_rows_per_block=gen.captions_per_call)
-    return captions.map_batches(
+    images = captions.map_batches(
         GeneratorActor,
         fn_constructor_kwargs={"config": gen},
         batch_size=gen.captions_per_call,
@@ -66,3 +66,9 @@ def build_image_stream(config: Config, start_chunk: int = 0, captions_per_pass: 
         num_cpus=gen.num_cpus_per_actor,
         **remote_args,
     )
+    # Stream order, kept: chunks and passes are read and split concurrently, and without it their
+    # rows interleave, so neither a caption file's order (a curriculum, such as the spatial
+    # quickstart's warm-up) nor the stream (for a rerun) would be reproducible. Generator calls still
+    # run in parallel; a finished call's images wait only for the calls before it.
+    images.context.execution_options.preserve_order = True
+    return images

@@ -61,6 +61,18 @@ def collect(ds) -> dict[int, np.ndarray]:
             for p, imgs in zip(b["position"], b["images"], strict=True)}
 
 
+def test_captions_reach_the_generators_in_stream_order(tmp_path):
+    """A caption file is read pass after pass, each in file order (a curriculum such as the spatial
+    quickstart's warm-up relies on it): 100 steps of 8 captions from a 400-caption file are 3 passes
+    and a part, which Ray Data would read and repartition concurrently, interleaved, unless told to
+    keep the order."""
+    config = base_config(tmp_path, train={"steps": 100}, captions={"repeat": True})
+    order = [(int(c), int(r)) for b in build_image_stream(config).iter_batches(batch_size=None)
+             for c, r in zip(b["chunk"], b["row"], strict=True)]
+    assert len({chunk for chunk, _ in order}) >= 3
+    assert order == sorted(order), "captions out of stream order"
+
+
 def test_diffusers_pool_regenerates_identical_images(tmp_path):
     """Same source position, index and seed -> identical images from two separate actor pools."""
     from stablerep_ray.tools.tiny_pipeline import make_tiny_pipeline
