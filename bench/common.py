@@ -146,12 +146,6 @@ def ensure_tiny_pipeline(config) -> None:
         make_tiny_pipeline(path)
 
 
-def captions_per_pass(config) -> int:
-    from stablerep_ray.captions.files import inspect_captions
-
-    return inspect_captions(config.captions).captions
-
-
 def caption_batches(config, num_batches: int) -> list[dict]:
     """The caption batches the Ray Data stream feeds the actor pool, rebuilt in-process.
 

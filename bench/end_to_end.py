@@ -22,6 +22,8 @@ import statistics
 import threading
 import time
 
+from stablerep_ray.captions import count_captions_per_pass
+
 from . import common
 from .generation import ray_window
 
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     run = [f"name=bench-e2e-{base.name}-{stamp}", f"output_dir={common.RESULTS / 'runs'}",
            f"train.steps={args.steps}"]
     config = common.load(args.config, args.overrides + run)
-    per_pass = common.captions_per_pass(config)
+    per_pass = count_captions_per_pass(config.captions)
     g, t = config.generator, config.train
     n, gs, reuse = g.images_per_caption, config.group_size, config.stream.reuse
     print(f"[{args.config}] {g.num_actors} generator actor(s) x {g.num_cpus_per_actor:g} CPU, "

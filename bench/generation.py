@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from stablerep_ray.captions import count_captions_per_pass
+
 from . import common
 
 MODULE = "bench.generation"
@@ -164,7 +166,7 @@ def run_config(path: str, overrides: list[str], rounds: int, batches_per_window:
     # One actor, one CPU: the comparison is per actor, and the in-process loop uses one thread.
     forced = ["generator.num_actors=1", "generator.num_cpus_per_actor=1", "generator.num_gpus_per_actor=0"]
     config = common.load(path, overrides + forced)
-    per_pass = common.captions_per_pass(config)
+    per_pass = count_captions_per_pass(config.captions)
     needed = (k + 8) * config.generator.captions_per_call
     config = common.load(path, overrides + forced + [f"train.steps={common.steps_for_captions(config, needed)}"])
 

@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from stablerep_ray.config import SYNTH_SOURCE
+from stablerep_ray.captions import count_captions_per_pass
 
 from . import common
 
@@ -101,7 +101,7 @@ def one_run(path: str, overrides: list[str], steps: int, total_steps: int, inter
     stamp = time.strftime("%Y%m%d-%H%M%S")
     config = common.load(path, overrides + [
         f"name=bench-mem-{steps}-{stamp}", f"output_dir={common.RESULTS / 'runs'}", f"train.steps={total_steps}"])
-    per_pass = 0 if config.captions.source == SYNTH_SOURCE else common.captions_per_pass(config)
+    per_pass = count_captions_per_pass(config.captions)
     sampler = Sampler(interval)
     sampler.start()
     t0 = time.perf_counter()
