@@ -63,7 +63,7 @@ def steady_state(scalars: dict, batch_size: int, skip: int) -> dict:
     (s0, _, w0), (s1, _, w1) = series[skip], series[-1]
     out = {
         "from_step": s0 + 1,
-        "to_step": s1 + 1,
+        "to_step": s1,  # a scalar at step s is logged after s steps: the window is steps s0 + 1 to s1
         "seconds": w1 - w0,
         "trained_images_per_s": (s1 - s0) * batch_size / (w1 - w0),
         "data_wait_fraction": statistics.mean(v for _, v, _ in waits[skip + 1:]),

@@ -5,6 +5,7 @@
     uv run python -m bench.gpu --families sd15 pixart   # + the PixArt-alpha transformer
     uv run python -m bench.gpu --quick --options        # batch 8 / 132; each speed option alone vs the default
     uv run python -m bench.gpu --compile                # + torch.compile'd denoiser / ViT in the sweep
+    uv run python -m bench.gpu --split --skip-generation --skip-training   # the shared-GPU pipeline run alone
     uv run python -m bench.gpu --smoke-cpu --all        # tiny shapes on CPU: checks the code path only
 
 Only meaningful on a GPU: without CUDA it prints a message and exits 0 (nothing written).
@@ -25,6 +26,11 @@ gradient clipping, AdamW; images/s (encoder inputs) and MFU = images/s x 0.105 T
 model-only variant (the same step, its augmentation replaced by a fixed 224 px input) separates the
 augmentation cost. Batches are whole caption groups: 258 = 43 captions x 6.
 
+One GPU shared (bench/gpu_split.py, --split): the paper config through the real Ray program
+(``training.fit``: a generator actor and a trainer worker with 0.5 GPU each, a real-size random SD 1.5
+saved and loaded with ``from_pretrained``), batch 24, R = 1; trained images/s, the trainer's data-wait and
+the generated images/s it consumed, from the run's TensorBoard scalars.
+
 Peak dense bf16 (TFLOP/s), from torch.cuda.get_device_name(): H100 990, H200 990, A100 312
 (--peak-tflops for other cards). Results go to bench/results/gpu.json (a printed table too), which
 `stablerep-ray plan` uses as its measured rate table (the ``sd15`` and ``vit_b16`` rows).
@@ -39,6 +45,7 @@ import time
 
 from . import common
 from .gpu_generation import FAMILIES, Budget, build, count_tflop, generate_fn, tflop_per_image
+from .gpu_split import bench_split
 
 MODULE = "bench.gpu"
 PEAKS = {"H100": 990.0, "H200": 990.0, "A100": 312.0}
@@ -261,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--all", action="store_true",
-                        help="SD-1.5 and PixArt at 20 steps (batch sweep, each option alone at the best batch) and "
-                             "the ViT-B/16 step at batch 258, within --budget-s")
+                        help="SD-1.5 and PixArt at 20 steps (batch sweep, each option alone at the best batch), "
+                             "the ViT-B/16 step at batch 258 and --split, within --budget-s")
     parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=["sd15"])
     parser.add_argument("--steps", type=int, nargs="+", default=[20, 50])
     parser.add_argument("--gen-batches", type=int, nargs="+", default=[1, 4, 8, 16, 32])
@@ -281,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--options", action="store_true",
                         help="also each speed option alone vs the default (fp16, channels_last off, VAE slicing, "
                              "VAE tiling, torch.compile) at the first --steps and --options-batch")
+    parser.add_argument("--split", action="store_true",
+                        help="one GPU shared by a generator actor and a trainer worker: the paper config through "
+                             "Ray (about 2 minutes)")
     parser.add_argument("--options-batch", type=int, default=8, help="(--all: each family's best sweep batch)")
     parser.add_argument("--budget-s", type=float,
                         help="skip measurements that would start after this many seconds (--all: 360, so that a "
@@ -295,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     from stablerep_ray.tools.planner import generation_tflop
 
     if args.all:
-        args.families, args.steps, args.train_batches, args.options = sorted(FAMILIES, reverse=True), [20], [258], True
+        args.families, args.steps, args.train_batches = sorted(FAMILIES, reverse=True), [20], [258]
+        args.options = args.split = True
         args.compile_mode = args.compile_mode or "default"
         args.budget_s = args.budget_s or 360.0
     args.compile_mode = args.compile_mode or COMPILE_MODE
@@ -319,6 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {name}; bf16 peak {peak or 'unknown (use --peak-tflops)'} TFLOP/s", flush=True)
     families = {} if args.skip_generation else {k: bench_family(k, args, device, peak, budget) for k in args.families}
     train_rows = [] if args.skip_training else bench_training(args, device, peak)
+    split = None
+    if args.split:
+        alone = best(families.get("sd15", {}).get("rows", []), steps=args.steps[0])
+        if budget.spent():
+            split = {"error": f"skipped: past the {budget.seconds:.0f} s budget"}
+        else:  # a failure here must not lose the rows measured before it
+            split, error = guarded(lambda: bench_split(device, args.smoke_cpu, alone and alone["images_per_s"]))
+            split = split or {"error": error}
+        _release(device)
     for key, result in families.items():
         best_row = best(result["rows"], steps=args.steps[0])
         batch = best_row["batch"] if args.all and best_row else args.options_batch
@@ -333,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                "flops": {key: r["flops"] for key, r in families.items()},
                "vit_b16": [r for r in train_rows if r["variant"] == "train_step"],
                "vit_b16_model_only": [r for r in train_rows if r["variant"] == "model_only"],
+               "split": split,
                "versions": {"torch": torch.__version__, "cuda": torch.version.cuda}}
     path = common.write_result("gpu-smoke" if args.smoke_cpu else "gpu", summary, MODULE)
     print(f"\ncommand: {common.command_line(MODULE)}  ({budget.elapsed():.0f} s)")
@@ -373,6 +394,14 @@ def print_table(summary: dict, families: dict, args, generation_tflop) -> None:
     if g20 and t:
         print(f"  -> measured SD-1.5 generator GPUs per trainer GPU at n = m, R = 9: "
               f"{t['images_per_s'] / (g20['images_per_s'] * 9):.1f} (cost model at equal utilisation: ~37)")
+    if split := summary["split"]:
+        print("one GPU shared, generator actor 0.5 + trainer worker 0.5, paper config at batch 24, R = 1, through Ray: "
+              + (split["error"] if "error" in split else
+                 f"{split['trained_images_per_s']:.1f} images/s trained, data-wait {split['data_wait_fraction']:.0%}"
+                 + (f", {split['generated_images_per_s']:.2f} generated images/s consumed"
+                    if split.get("generated_images_per_s") else "")
+                 + (f" = {split['vs_generator_alone']:.2f} x the generator alone" if "vs_generator_alone" in split
+                    else "")))
 
 
 if __name__ == "__main__":
