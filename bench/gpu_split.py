@@ -12,10 +12,10 @@ through ``training.fit`` (Ray Data actor pool -> Ray Train worker). What changes
 - the batch is 24 (4 captions x m = 6, one generator call of 4 captions x 10 images) and each group
   is served once (``stream.reuse: 1``), not 8256 and R = 9: at R = 9 the replay buffer (at least
   R x K groups) fills, then serves each group at 1 step in R, about R x R steps before the first
-  evictions: minutes before the stream's steady state. At R = 1 every step waits on fresh images,
-  so the window (all but the first WARMUP_STEPS) measures what the shared GPU delivers to the trainer. The trainer's share
-  of the GPU is small at either R: per generated image it trains m / n x R images (5.4 at R = 9,
-  ~0.6 TFLOP against ~35 to generate the image);
+  evictions: minutes before the stream's steady state. At R = 1 every step waits on fresh images, so
+  the window (all but the first WARMUP_STEPS) measures what the shared GPU delivers to the trainer.
+  The trainer's share of the GPU is small at either R: per generated image it trains m / n x R
+  images (5.4 at R = 9, ~0.6 TFLOP against ~35 to generate the image);
 - captions come from data/simulator_captions.txt, without evaluation or remote storage.
 
 Reported from the run's TensorBoard scalars (bench.end_to_end's steady state): trained images/s
