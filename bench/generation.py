@@ -53,17 +53,19 @@ def in_process_window(actor, batches: list[dict]) -> dict:
             "load_avg_1m": os.getloadavg()[0]}
 
 
-def _generator_actor_procs() -> list:
+def generator_actor_procs() -> list:
     return [p for p in common.ray_processes() if "GeneratorActor" in common.title(p)]
 
 
-def ray_window(config, num_batches: int, per_pass: int) -> dict:
-    """images/s of build_image_stream consumed by the driver, from the first batch on."""
+def ray_window(config, num_batches: int, per_pass: int, preserve_order: bool = True) -> dict:
+    """images/s of build_image_stream consumed by the driver, from the first batch on
+    (``preserve_order=False``: the same stream without its order, for bench.stream_order)."""
     import psutil
 
     from stablerep_ray.generation.stage import build_image_stream
 
     ds = build_image_stream(config, 0, per_pass)
+    ds.context.execution_options.preserve_order = preserve_order
     t0 = time.perf_counter()
     images = batches = 0
     iterator = iter(ds.iter_batches(
@@ -73,7 +75,7 @@ def ray_window(config, num_batches: int, per_pass: int) -> dict:
     first = time.perf_counter()
     driver = psutil.Process()
     procs = common.ray_processes()
-    actors = _generator_actor_procs()
+    actors = generator_actor_procs()
     all_cpu0, actor_cpu0, driver_cpu0 = common.cpu_seconds(procs), common.cpu_seconds(actors), time.process_time()
     for batch in iterator:
         images += images_in(batch)
@@ -86,7 +88,7 @@ def ray_window(config, num_batches: int, per_pass: int) -> dict:
     all_cpu = common.cpu_seconds(procs_end) - all_cpu0 + (time.process_time() - driver_cpu0)
     actor_cpu = common.cpu_seconds(actors) - actor_cpu0
     del iterator, driver
-    _wait_for_shutdown()
+    wait_for_shutdown()
     elapsed = end - first
     return {
         "images": images,
@@ -126,18 +128,18 @@ def plain_actor_window(config, batches: list[dict], threads: int) -> dict:
     elapsed = time.perf_counter() - start
     cpu = common.cpu_seconds(procs) - cpu0
     ray.kill(actor)
-    _wait_for_shutdown()
+    wait_for_shutdown()
     return {"images": images, "seconds": elapsed, "images_per_s": images / elapsed, "actor_cpu_seconds": cpu,
             "load_avg_1m": os.getloadavg()[0]}
 
 
-def _wait_for_shutdown(timeout: float = 20.0) -> None:
+def wait_for_shutdown(timeout: float = 20.0) -> None:
     """Let the executor stop its actor before the next in-process window starts."""
     import gc
 
     gc.collect()
     deadline = time.monotonic() + timeout
-    while _generator_actor_procs() and time.monotonic() < deadline:
+    while generator_actor_procs() and time.monotonic() < deadline:
         time.sleep(0.5)
     time.sleep(1.0)
 
