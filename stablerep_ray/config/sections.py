@@ -139,6 +139,13 @@ class StreamConfig(_Section):
         f"{MIX_FACTOR} x reuse x one step's groups above, so a group's serves spread over many steps.",
     )
     prefetch_batches: int = Field(2, ge=0, description="Ray Data batches prefetched by each worker.")
+    keep_order: bool = Field(
+        True,
+        description="Training sees the captions in stream order (a caption file's order, e.g. a "
+        "curriculum; the same stream on a rerun). Generator calls run in parallel either way, but a "
+        "finished call waits for the calls before it: off, a call lost with its actor (a preempted "
+        "node) no longer holds back the rest of a large pool while the actor restarts.",
+    )
     object_store_mb: float = Field(
         0.0,
         ge=0,

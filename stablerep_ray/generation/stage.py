@@ -66,9 +66,9 @@ def build_image_stream(config: Config, start_chunk: int = 0, captions_per_pass: 
         num_cpus=gen.num_cpus_per_actor,
         **remote_args,
     )
-    # Stream order, kept: chunks and passes are read and split concurrently, and without it their
-    # rows interleave, so neither a caption file's order (a curriculum, such as the spatial
+    # Stream order (stream.keep_order): chunks and passes are read and split concurrently, and without
+    # it their rows interleave, so neither a caption file's order (a curriculum, such as the spatial
     # quickstart's warm-up) nor the stream (for a rerun) would be reproducible. Generator calls still
     # run in parallel; a finished call's images wait only for the calls before it.
-    images.context.execution_options.preserve_order = True
+    images.context.execution_options.preserve_order = config.stream.keep_order
     return images

@@ -43,7 +43,7 @@ def make_trainer(config: Config, max_steps: int | None = None, callbacks: list |
     current = ray.data.DataContext.get_current().execution_options
     ingest = ExecutionOptions(
         resource_limits=current.resource_limits.copy(object_store_memory=config.stream_object_store_bytes),
-        preserve_order=True,  # the stream's order (build_image_stream says why)
+        preserve_order=config.stream.keep_order,  # build_image_stream says why
         verbose_progress=current.verbose_progress,
     )
     # Train builds the dataset in its controller, whose own DataContext never saw the driver's console

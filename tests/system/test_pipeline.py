@@ -71,6 +71,8 @@ def test_captions_reach_the_generators_in_stream_order(tmp_path):
              for c, r in zip(b["chunk"], b["row"], strict=True)]
     assert len({chunk for chunk, _ in order}) >= 3
     assert order == sorted(order), "captions out of stream order"
+    unordered = base_config(tmp_path, train={"steps": 100}, captions={"repeat": True}, stream={"keep_order": False})
+    assert not build_image_stream(unordered).context.execution_options.preserve_order
 
 
 def test_diffusers_pool_regenerates_identical_images(tmp_path):
