@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                              "VAE tiling, torch.compile) at the first --steps and --options-batch")
     parser.add_argument("--split", action="store_true",
                         help="one GPU shared by a generator actor and a trainer worker: the paper config through "
-                             "Ray (about 2 minutes)")
+                             "Ray (a 12-step run; 56 s with --smoke-cpu on 2 CPU cores)")
     parser.add_argument("--options-batch", type=int, default=8, help="(--all: each family's best sweep batch)")
     parser.add_argument("--budget-s", type=float,
                         help="skip measurements that would start after this many seconds (--all: 360, so that a "
