@@ -57,20 +57,21 @@ def generator_actor_procs() -> list:
     return [p for p in common.ray_processes() if "GeneratorActor" in common.title(p)]
 
 
-def ray_window(config, num_batches: int, per_pass: int, preserve_order: bool = True) -> dict:
-    """images/s of build_image_stream consumed by the driver, from the first batch on
-    (``preserve_order=False``: the same stream without its order, for bench.stream_order)."""
-    import psutil
-
+def stream_batches(config, per_pass: int):
+    """An iterator over build_image_stream's batches, read as a train worker reads them."""
     from stablerep_ray.generation.stage import build_image_stream
 
     ds = build_image_stream(config, 0, per_pass)
-    ds.context.execution_options.preserve_order = preserve_order
+    return iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=config.stream.prefetch_batches))
+
+
+def ray_window(config, num_batches: int, per_pass: int) -> dict:
+    """images/s of build_image_stream consumed by the driver, from the first batch on."""
+    import psutil
+
     t0 = time.perf_counter()
     images = batches = 0
-    iterator = iter(ds.iter_batches(
-        batch_size=None, batch_format="numpy", prefetch_batches=config.stream.prefetch_batches
-    ))
+    iterator = stream_batches(config, per_pass)
     next(iterator)  # warm-up: actor start, pipeline load, first call
     first = time.perf_counter()
     driver = psutil.Process()

@@ -3,13 +3,14 @@
     uv run python -m bench.stream_order                        # quickstart (simulator), 2 actors
     uv run python -m bench.stream_order --actors 4 --set generator.captions_per_call=128
 
-``build_image_stream`` keeps its order (``preserve_order``): generator calls run in parallel, but a
-finished call's images wait for the calls before it, so an actor slower than the others holds the
-rest back until Ray Data's object-store budget for the stream stops new calls. This runs the same
-stream (bench.generation's driver-side window: ``build_image_stream`` read with ``iter_batches``,
-warm-up excluded) with and without the order, alternating: unordered, ordered, unordered, ...; each
-ordered window is compared with the mean of the unordered ones on either side of it (the machine's
-load drifts between windows), and the result is the median over rounds (and the pooled ratio).
+``build_image_stream`` keeps its order by default (``stream.keep_order``): generator calls run in
+parallel, but a finished call's images wait for the calls before it, so an actor slower than the
+others holds the rest back until Ray Data's object-store budget for the stream stops new calls. This
+reads the same stream (bench.generation's driver-side window: ``build_image_stream`` read with
+``iter_batches``, warm-up excluded) with ``stream.keep_order`` on and off, alternating: unordered,
+ordered, unordered, ...; each ordered window is compared with the mean of the unordered ones on
+either side of it (the machine's load drifts between windows), and the result is the median over
+rounds (and the pooled ratio).
 Target: ordered / unordered images/s >= 0.95.
 
 ``--kill``: the same two streams, each losing one generator actor (SIGKILL, as a preempted node) a
@@ -27,20 +28,15 @@ import time
 from stablerep_ray.captions import count_captions_per_pass
 
 from . import common
-from .generation import DEFAULT_BATCHES, generator_actor_procs, images_in, ray_window, wait_for_shutdown
+from .generation import DEFAULT_BATCHES, generator_actor_procs, images_in, ray_window, stream_batches, wait_for_shutdown
 
 MODULE = "bench.stream_order"
 
 
-def kill_window(config, num_batches: int, per_pass: int, preserve_order: bool) -> dict:
+def kill_window(config, num_batches: int, per_pass: int) -> dict:
     """The stream read as in ``ray_window``, one generator actor killed after a third of the batches:
     images/s over the window and the longest wait for a batch."""
-    from stablerep_ray.generation.stage import build_image_stream
-
-    ds = build_image_stream(config, 0, per_pass)
-    ds.context.execution_options.preserve_order = preserve_order
-    iterator = iter(ds.iter_batches(batch_size=None, batch_format="numpy",
-                                    prefetch_batches=config.stream.prefetch_batches))
+    iterator = stream_batches(config, per_pass)
     next(iterator)  # warm-up: actors start, first calls
     start = last = time.perf_counter()
     images, gaps, killed_at = 0, [], None
@@ -76,13 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     per_pass = count_captions_per_pass(config.captions)
     k = args.batches or DEFAULT_BATCHES[config.generator.backend] * args.actors
     needed = (k + 8 * args.actors) * config.generator.captions_per_call
-    config = common.load(args.config, overrides + [f"train.steps={common.steps_for_captions(config, needed)}"])
+    overrides.append(f"train.steps={common.steps_for_captions(config, needed)}")
+    configs = {order: common.load(args.config, overrides + [f"stream.keep_order={order}"]) for order in (True, False)}
     g = config.generator
     print(f"[{args.config}] {g.num_actors} actors x {g.num_cpus_per_actor:g} CPU, captions_per_call "
           f"{g.captions_per_call} x {g.images_per_caption} images, {k} timed batches per window", flush=True)
 
     def window(ordered: bool) -> dict:
-        w = ray_window(config, k, per_pass, preserve_order=ordered)
+        w = ray_window(configs[ordered], k, per_pass)
         print(f"  {'ordered  ' if ordered else 'unordered'}: {w['images_per_s']:8.1f} images/s "
               f"(warm-up {w['warmup_s']:.1f} s)", flush=True)
         return w
@@ -96,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio, pooled = statistics.median(ratios), rate(ordered) / rate(unordered)
     killed = {}
     for label, order in (("unordered", False), ("ordered", True)) if args.kill else ():
-        killed[label] = w = kill_window(config, k, per_pass, order)
+        killed[label] = w = kill_window(configs[order], k, per_pass)
         print(f"  {label:9} with one actor killed at {w['killed_at_s']:.1f} s: {w['images_per_s']:8.1f} images/s, "
               f"longest wait for a batch {w['longest_wait_s']:.1f} s (median {w['median_wait_s']:.2f} s)", flush=True)
     summary = {"config": args.config, "overrides": overrides, "actors": args.actors, "batches_per_window": k,
