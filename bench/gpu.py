@@ -31,9 +31,10 @@ One GPU shared (bench/gpu_split.py, --split): the paper config through the real 
 saved and loaded with ``from_pretrained``), batch 24, R = 1; trained images/s, the trainer's data-wait and
 the generated images/s it consumed, from the run's TensorBoard scalars.
 
-Peak dense bf16 (TFLOP/s), from torch.cuda.get_device_name(): H100 990, H200 990, A100 312
-(--peak-tflops for other cards). Results go to bench/results/gpu.json (a printed table too), which
-`stablerep-ray plan` uses as its measured rate table (the ``sd15`` and ``vit_b16`` rows).
+Peak dense bf16 (TFLOP/s), from torch.cuda.get_device_name(): H100 SXM and H200 990, H100 NVL 835,
+H100 PCIe 756, A100 312, L40S 362, L4 121 (--peak-tflops for other cards). Results go to
+bench/results/gpu.json (a printed table too), which `stablerep-ray plan` uses as its measured rate
+table (the ``sd15`` and ``vit_b16`` rows).
 """
 
 from __future__ import annotations
@@ -48,13 +49,16 @@ from .gpu_generation import FAMILIES, Budget, build, count_tflop, generate_fn, t
 from .gpu_split import bench_split
 
 MODULE = "bench.gpu"
-PEAKS = {"H100": 990.0, "H200": 990.0, "A100": 312.0}
+# Dense bf16 peaks by a fragment of the device name, the more specific fragment first (an "H100 PCIe"
+# also matches "H100").
+PEAKS = (("H100 NVL", 835.0), ("H100 PCIE", 756.0), ("H100", 990.0), ("H200", 990.0), ("A100", 312.0),
+         ("L40S", 362.0), ("L4", 121.0))
 
 
 def peak_for(name: str, override: float | None) -> float | None:
     if override:
         return override
-    return next((v for k, v in PEAKS.items() if k in name.upper()), None)
+    return next((v for fragment, v in PEAKS if fragment in name.upper()), None)
 
 
 def sync(device) -> None:
