@@ -31,10 +31,10 @@ One GPU shared (bench/gpu_split.py, --split): the paper config through the real 
 saved and loaded with ``from_pretrained``), batch 24, R = 1; trained images/s, the trainer's data-wait and
 the generated images/s it consumed, from the run's TensorBoard scalars.
 
-Peak dense bf16 (TFLOP/s), from torch.cuda.get_device_name(): H100 SXM and H200 990, H100 NVL 835,
-H100 PCIe 756, A100 312, L40S 362, L4 121 (--peak-tflops for other cards). Results go to
-bench/results/gpu.json (a printed table too), which `stablerep-ray plan` uses as its measured rate
-table (the ``sd15`` and ``vit_b16`` rows).
+Peak dense bf16 (TFLOP/s), the planner's table by torch.cuda.get_device_name(): H100 SXM and H200 990,
+H100 NVL 835, H100 PCIe 756, A100 312, L40S 362, L40 181, L4 121 (--peak-tflops for other cards).
+Results go to bench/results/gpu.json (a printed table too), which `stablerep-ray plan` uses as its
+measured rate table (the ``sd15`` and ``vit_b16`` rows).
 """
 
 from __future__ import annotations
@@ -49,16 +49,16 @@ from .gpu_generation import FAMILIES, Budget, build, count_tflop, generate_fn, t
 from .gpu_split import bench_split
 
 MODULE = "bench.gpu"
-# Dense bf16 peaks by a fragment of the device name, the more specific fragment first (an "H100 PCIe"
-# also matches "H100").
-PEAKS = (("H100 NVL", 835.0), ("H100 PCIE", 756.0), ("H100", 990.0), ("H200", 990.0), ("A100", 312.0),
-         ("L40S", 362.0), ("L4", 121.0))
 
 
 def peak_for(name: str, override: float | None) -> float | None:
+    """The card's dense bf16 peak: ``--peak-tflops`` if given, else the planner's table by device name."""
+    from stablerep_ray.tools.planner import PEAK_BF16_TFLOPS, gpu_type_of
+
     if override:
         return override
-    return next((v for fragment, v in PEAKS if fragment in name.upper()), None)
+    key = gpu_type_of(name)
+    return PEAK_BF16_TFLOPS[key] if key else None
 
 
 def sync(device) -> None:

@@ -12,6 +12,7 @@ from bench.gpu import peak_for
     ("NVIDIA H200", 990.0),
     ("NVIDIA A100-SXM4-80GB", 312.0),
     ("NVIDIA L40S", 362.0),
+    ("NVIDIA L40", 181.0),
     ("NVIDIA L4", 121.0),
     ("Tesla T4", None),
 ])

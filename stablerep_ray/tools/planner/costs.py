@@ -23,7 +23,10 @@ VAE_DECODE_TFLOP_512 = 2.5  # VAE decode 64x64 latent -> 512 px
 VIT_B16_TRAIN_TFLOP = 0.105  # ViT-B/16, one 224 px view, forward + backward
 VIT_B16_PARAMS = 85.8e6  # encoder parameters of vit_base_patch16_224 (num_classes=0)
 VIT_B16_TOKENS = 197
-PEAK_BF16_TFLOPS = {"H100": 990.0, "H200": 990.0, "A100": 312.0}
+# Dense bf16 peak by GPU type; a device name is matched with its spaces read as dashes, the more specific
+# type first ("NVIDIA H100 PCIe" is an H100-PCIE, not an H100 SXM).
+PEAK_BF16_TFLOPS = {"H100-NVL": 835.0, "H100-PCIE": 756.0, "H100": 990.0, "H200": 990.0, "A100": 312.0,
+                    "L40S": 362.0, "L40": 181.0, "L4": 121.0}
 ASSUMED_UTILISATION = 0.40  # fraction of bf16 peak assumed for BOTH sides in the estimate
 SD_UNET_CHANNELS = [320, 640, 1280, 1280]
 SD_HUB_IDS = re.compile(r"stable-diffusion-(v1|2)|stable-diffusion-v-?1|sd-?1\.?5|sd-?2", re.I)
@@ -128,9 +131,8 @@ def detect_gpu_type(default: str = "H100") -> tuple[str, str]:
 
         if torch.cuda.is_available():
             name = torch.cuda.get_device_name(0)
-            for key in PEAK_BF16_TFLOPS:
-                if key in name.upper():
-                    return key, f"detected {name}"
+            if key := gpu_type_of(name):
+                return key, f"detected {name}"
             return default, f"{name} is not in the peak table, {default} assumed"
     except Exception:  # noqa: BLE001 - no torch / driver: fall back to the default
         pass
@@ -191,7 +193,7 @@ def table_rates(config: Config, results: Path | None = None) -> Rates | None:
                         + ("" if train_tf == VIT_B16_TRAIN_TFLOP else ", rescaled by FLOPs") + f" ({path})")
     if gen_rate is None and train_rate is None:
         return None
-    estimate = estimate_rates(config, _gpu_key(device))
+    estimate = estimate_rates(config, gpu_type_of(device))
     if (gen_rate is None or train_rate is None) and estimate is None:
         return None
     return Rates(
@@ -203,6 +205,8 @@ def table_rates(config: Config, results: Path | None = None) -> Rates | None:
     )
 
 
-def _gpu_key(device_name: str) -> str | None:
-    return next((k for k in PEAK_BF16_TFLOPS if k in str(device_name).upper()), None)
+def gpu_type_of(device_name: str) -> str | None:
+    """The PEAK_BF16_TFLOPS key of a ``torch.cuda.get_device_name()``, None for a card not in the table."""
+    name = str(device_name).upper().replace(" ", "-")
+    return next((key for key in PEAK_BF16_TFLOPS if key in name), None)
 
