@@ -9,27 +9,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from ray._private.state import actors
 
 from stablerep_ray.config import from_dict
-from stablerep_ray.runtime import configure_data_context
 from stablerep_ray.tools.simulator import make_captions
 from stablerep_ray.training.checkpoint import TRAINER_STATE_FILE, read_resume_chunk
 from stablerep_ray.training.trainer import fit
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 CAPTIONS = 10  # a tiny source: the 40-step run spans ~16 passes, i.e. ~16 stream chunks
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=8, include_dashboard=False)
-    configure_data_context()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 def make_config(tmp_path, name):

@@ -12,19 +12,17 @@ import time
 
 import numpy as np
 import pytest
-import ray
 import torch
 from repo import CONFIGS, QUICKSTART
 
 from stablerep_ray.config import load_config
 from stablerep_ray.evaluation import extract_features, knn_accuracy
 from stablerep_ray.models import build_model, load_model
-from stablerep_ray.runtime import configure_data_context
 from stablerep_ray.tools.simulator import ATTRIBUTES, render_eval_set
 from stablerep_ray.training.objectives import get_objective
 from stablerep_ray.training.trainer import fit
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 STEPS = 80
 # Held-out images per class, for the kNN memory bank and (disjointly) for the queries.
@@ -44,14 +42,6 @@ MARGIN = 0.15
 SPATIAL_STEPS = 200
 SPATIAL_MARGIN = 0.06
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    configure_data_context()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 def knn_top1(model: torch.nn.Module, image_size: int, size: int, attribute: str = "color",

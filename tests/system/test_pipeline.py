@@ -1,6 +1,7 @@
 """The streaming spine on a real local Ray: generator actor pools -> streaming_split -> workers."""
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -12,21 +13,11 @@ from repo import CONFIGS
 
 from stablerep_ray.config import from_dict
 from stablerep_ray.generation.stage import build_image_stream
-from stablerep_ray.runtime import configure_data_context
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    import sys
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
-    ray.init(num_cpus=8, include_dashboard=False)
-    configure_data_context()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
 
 
 def write_captions(path: Path, num: int) -> Path:

@@ -11,26 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from repo import CONFIGS, ROOT
 
 from stablerep_ray.config import load_config
 from stablerep_ray.generation import generator_class
-from stablerep_ray.runtime import configure_data_context
 from stablerep_ray.tools.tiny_pipeline import make_tiny_pipeline
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+pytestmark = [pytest.mark.usefixtures("local_ray"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")]
 STEPS = 2
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=8, include_dashboard=False)
-    configure_data_context()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.parametrize("family", ["sdxl", "pixart", "sd3"])

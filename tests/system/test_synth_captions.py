@@ -10,30 +10,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-import ray
 import torch
 from repo import CONFIGS, ROOT
 
 from stablerep_ray.captions import EMPTY_CHUNK_ID, caption_id
 from stablerep_ray.config import load_config
 from stablerep_ray.models import build_model, load_model
-from stablerep_ray.runtime import configure_data_context
 from stablerep_ray.training.trainer import fit
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 SYNTH_QUICKSTART = CONFIGS / "synclr-captions-quickstart.yaml"
 STEPS = 60
 MARGIN = 0.15  # the same bar as the file-caption quickstart's (tests/system/test_learning.py says why)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    configure_data_context()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(autouse=True)
