@@ -78,8 +78,7 @@ def print_memory_ratios(small: dict, large: dict, small_name: str, large_name: s
               f"at {large_name} -> ratio {'n/a' if r is None else f'{r:.3f}'} (target <= {target})")
 
 
-def write_result(name: str, payload: dict, module: str) -> Path:
-    """bench/results/<name>.json (latest) and bench/results/history/<name>-<time>.json."""
+def _result_text(name: str, payload: dict, module: str) -> str:
     payload = {
         "benchmark": name,
         "command": command_line(module),
@@ -87,17 +86,34 @@ def write_result(name: str, payload: dict, module: str) -> Path:
         "machine": machine(),
         **payload,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "history").mkdir(exist_ok=True)
-    text = json.dumps(payload, indent=2, default=float)
+    return json.dumps(payload, indent=2, default=float)
+
+
+def write_result(name: str, payload: dict, module: str) -> Path:
+    """bench/results/<name>.json (latest) and bench/results/history/<name>-<time>.json; removes the
+    run's <name>.partial.json."""
+    text = _result_text(name, payload, module)
+    (RESULTS / "history").mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(text)
     (RESULTS / "history" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(text)
+    (RESULTS / f"{name}.partial.json").unlink(missing_ok=True)
+    return path
+
+
+def write_partial(name: str, payload: dict, module: str) -> Path:
+    """bench/results/<name>.partial.json: a long run's results so far, replaced whole each time."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.partial.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(_result_text(name, payload, module))
+    tmp.replace(path)
     return path
 
 
 def start_ray(num_cpus: int = 8, worker_niceness: int | None = None) -> None:
-    """A private local Ray (``address="local"``: never join another engineer's cluster).
+    """A private local Ray (``address="local"``: never join another engineer's cluster), its
+    processes set up as a run's (``runtime.setup_process``).
 
     ``worker_niceness``: Ray starts worker processes at niceness 15 by default (raylet config
     ``worker_niceness``), below the driver's 0; on a CPU-contended machine that alone slows the actor
@@ -105,13 +121,17 @@ def start_ray(num_cpus: int = 8, worker_niceness: int | None = None) -> None:
     """
     import ray
 
+    from stablerep_ray.runtime import WORKER_SETUP, setup_process
+
+    setup_process()  # as a run's driver and workers set themselves up
     if worker_niceness is not None:
         os.environ["RAY_worker_niceness"] = str(worker_niceness)  # noqa: SIM112 - Ray's own spelling
     for attempt in range(3):
         if ray.is_initialized():
             break
         try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     runtime_env=WORKER_SETUP)
         except Exception as err:  # noqa: BLE001 - Ray gives the raylet 30 s to register; a loaded box misses it
             if "timed out during startup" not in str(err) or attempt == 2:
                 raise

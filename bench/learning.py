@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
           f"kNN on {attributes} ({args.per_class}/class bank + queries, world {base.generator.world})\n"
           "pixels             : " + "  ".join(f"{a} {v:.3f}" for a, v in pixel_acc.items()), flush=True)
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    common.start_ray(num_cpus=args.num_cpus)
     configure_data_context()
     ray.data.DataContext.get_current().enable_progress_bars = False
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))

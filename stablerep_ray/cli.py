@@ -142,9 +142,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .console import eval_summary
     from .evaluation import evaluate
-    from .runtime import configure_data_context, quiet_ray_logs
+    from .runtime import configure_data_context, setup_process
 
-    quiet_ray_logs()  # evaluate starts or joins Ray itself, once its checks have passed
+    setup_process()  # evaluate starts or joins Ray itself, once its checks have passed
     configure_data_context()
     overrides = {"knn_k": args.k, "knn_temperature": args.temperature, "batch_size": args.batch_size,
                  "max_images": args.max_images}

@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 from .config import SYNTH_SOURCE, Config, ConfigError
@@ -111,15 +112,52 @@ def start_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | No
 
     from .console import verbose
 
-    quiet_ray_logs()
     level = logging.INFO if verbose() else logging.WARNING
+    setup_process()
     if address:
-        ray.init(address=address, logging_level=level)
+        ray.init(address=address, logging_level=level, runtime_env=WORKER_SETUP)
     else:
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level=level,
-                 runtime_env={"worker_process_setup_hook": "stablerep_ray.runtime.quiet_ray_logs"})
+                 runtime_env=WORKER_SETUP)
     if not verbose():
         drop_forwarded_noise()
+
+
+# Every process of the run's Ray job runs it when it starts (merged with a `ray job submit` runtime_env).
+WORKER_SETUP = {"worker_process_setup_hook": "stablerep_ray.runtime.setup_process"}
+
+
+def setup_process() -> None:
+    """What the driver and every Ray worker of a run set up first: quiet logs, a paced data executor."""
+    quiet_ray_logs()
+    pace_idle_data_executor()
+
+
+# Ray Data's streaming executor (in the driver, or in the split coordinator actor that feeds Train)
+# polls its tasks with ray.wait(timeout=0.1 s), which returns at once when a task's output is ready.
+# When the consumers hold the stream back (the steady state whenever generation outpaces training),
+# the generator's finished output stays ready and unread, and the executor re-plans in a tight loop:
+# on a 2-core machine the split coordinator took as much CPU as a trainer worker. Each executor thread
+# now starts a scheduling pass at most every MIN_LOOP_PERIOD_S; a busy executor, whose passes wait for
+# tasks, is not slowed.
+MIN_LOOP_PERIOD_S = 0.02
+_last_pass = threading.local()
+
+
+@functools.cache  # once per process
+def pace_idle_data_executor() -> None:
+    from ray.data._internal.execution import streaming_executor
+
+    process_completed_tasks = streaming_executor.process_completed_tasks
+
+    def paced(*args, **kwargs):
+        wait = getattr(_last_pass, "t", 0.0) + MIN_LOOP_PERIOD_S - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        _last_pass.t = time.perf_counter()
+        return process_completed_tasks(*args, **kwargs)
+
+    streaming_executor.process_completed_tasks = paced
 
 
 AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"

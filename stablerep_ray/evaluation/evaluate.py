@@ -95,7 +95,9 @@ def _ray_session(use_ray: bool | None) -> Iterator[bool]:
 
     started = bool(use_ray) and not ray.is_initialized()
     if started:
-        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
+        from ..runtime import WORKER_SETUP
+
+        ray.init(runtime_env=WORKER_SETUP, **({} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
     try:
         yield ray.is_initialized()
     finally:

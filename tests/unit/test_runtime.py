@@ -2,6 +2,7 @@
 
 import logging
 import threading
+import time
 
 import ray.exceptions
 
@@ -106,3 +107,28 @@ def test_raylet_warnings_sent_as_error_messages_are_filtered_too(capsys):
         ray_worker.print_to_stdstream = saved
     out = capsys.readouterr().out
     assert "a real warning" in out and "PYTHON worker processes" not in out
+
+
+def test_an_idle_data_executor_is_paced_and_a_waiting_one_is_not(monkeypatch):
+    """Ray Data's scheduling loop spins while its consumers hold the stream back: the patched pass
+    starts at most every MIN_LOOP_PERIOD_S, passes its arguments through, and adds nothing to a pass
+    that already waited that long (a busy executor waiting on its tasks)."""
+    from ray.data._internal.execution import streaming_executor
+
+    calls = []
+    monkeypatch.setattr(streaming_executor, "process_completed_tasks",
+                        lambda topology, *args, **kwargs: calls.append((topology, args, kwargs)) or 0)
+    runtime.pace_idle_data_executor.__wrapped__()  # uncached: wraps the recording stand-in
+    paced = streaming_executor.process_completed_tasks
+    period = runtime.MIN_LOOP_PERIOD_S
+
+    start = time.perf_counter()
+    for _ in range(6):
+        assert paced("topology", "policies", max_errored_blocks=3) == 0
+    assert time.perf_counter() - start >= 5 * period
+    assert calls == [("topology", ("policies",), {"max_errored_blocks": 3})] * 6
+
+    time.sleep(2 * period)
+    start = time.perf_counter()
+    paced("topology")
+    assert time.perf_counter() - start < period
