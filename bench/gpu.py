@@ -332,9 +332,28 @@ def main(argv: list[str] | None = None) -> int:
     peak = None if args.smoke_cpu else peak_for(name, args.peak_tflops)
     budget = Budget(args.budget_s)
     print(f"device: {name}; bf16 peak {peak or 'unknown (use --peak-tflops)'} TFLOP/s", flush=True)
-    families = {} if args.skip_generation else {k: bench_family(k, args, device, peak, budget) for k in args.families}
-    train_rows = [] if args.skip_training else bench_training(args, device, peak)
-    split = None
+    result_name = "gpu-smoke" if args.smoke_cpu else "gpu"
+    families, train_rows, split = {}, [], None
+
+    def summary() -> dict:
+        return {"device": name, "peak_bf16_tflops": peak, "families": args.families,
+                "budget": {"seconds": args.budget_s, "elapsed": budget.elapsed()},
+                **{key: r["rows"] for key, r in families.items()},
+                **{f"{key}_options": r.get("options", []) for key, r in families.items()},
+                "flops": {key: r["flops"] for key, r in families.items()},
+                "vit_b16": [r for r in train_rows if r["variant"] == "train_step"],
+                "vit_b16_model_only": [r for r in train_rows if r["variant"] == "model_only"],
+                "split": split,
+                "versions": {"torch": torch.__version__, "cuda": torch.version.cuda}}
+
+    # After each part, what is measured so far goes to <name>.partial.json: a run stopped from outside
+    # (a device call's time limit) keeps every finished part.
+    for key in ([] if args.skip_generation else args.families):
+        families[key] = bench_family(key, args, device, peak, budget)
+        common.write_partial(result_name, summary(), MODULE)
+    if not args.skip_training:
+        train_rows = bench_training(args, device, peak)
+        common.write_partial(result_name, summary(), MODULE)
     if args.split:
         alone = best(families.get("sd15", {}).get("rows", []), steps=args.steps[0])
         if budget.spent():
@@ -343,25 +362,18 @@ def main(argv: list[str] | None = None) -> int:
             split, error = guarded(lambda: bench_split(device, args.smoke_cpu, alone and alone["images_per_s"]))
             split = split or {"error": error}
         _release(device)
+        common.write_partial(result_name, summary(), MODULE)
     for key, result in families.items():
         best_row = best(result["rows"], steps=args.steps[0])
         batch = best_row["batch"] if args.all and best_row else args.options_batch
         result["options"] = []
         if args.options:
             result["options"] = bench_options(key, args, device, peak, result["flops"], batch, budget)
+            common.write_partial(result_name, summary(), MODULE)
 
-    summary = {"device": name, "peak_bf16_tflops": peak, "families": args.families,
-               "budget": {"seconds": args.budget_s, "elapsed": budget.elapsed()},
-               **{key: r["rows"] for key, r in families.items()},
-               **{f"{key}_options": r["options"] for key, r in families.items()},
-               "flops": {key: r["flops"] for key, r in families.items()},
-               "vit_b16": [r for r in train_rows if r["variant"] == "train_step"],
-               "vit_b16_model_only": [r for r in train_rows if r["variant"] == "model_only"],
-               "split": split,
-               "versions": {"torch": torch.__version__, "cuda": torch.version.cuda}}
-    path = common.write_result("gpu-smoke" if args.smoke_cpu else "gpu", summary, MODULE)
+    path = common.write_result(result_name, summary(), MODULE)
     print(f"\ncommand: {common.command_line(MODULE)}  ({budget.elapsed():.0f} s)")
-    print_table(summary, families, args, generation_tflop)
+    print_table(summary(), families, args, generation_tflop)
     print(f"wrote {path}")
     return 0
 
