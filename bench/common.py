@@ -8,6 +8,7 @@ import os
 import platform
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -111,13 +112,14 @@ def write_partial(name: str, payload: dict, module: str) -> Path:
     return path
 
 
-def start_ray(num_cpus: int = 8, worker_niceness: int | None = None) -> None:
+def start_ray(num_cpus: int = 8, worker_niceness: int | None = None, runtime_env: dict | None = None) -> None:
     """A private local Ray (``address="local"``: never join another engineer's cluster), its
     processes set up as a run's (``runtime.setup_process``).
 
     ``worker_niceness``: Ray starts worker processes at niceness 15 by default (raylet config
     ``worker_niceness``), below the driver's 0; on a CPU-contended machine that alone slows the actor
     pool against an in-process loop in the driver. Benchmarks comparing the two pass 0.
+    ``runtime_env``: instead of the run's worker set-up (``runtime.WORKER_SETUP``).
     """
     import ray
 
@@ -131,7 +133,7 @@ def start_ray(num_cpus: int = 8, worker_niceness: int | None = None) -> None:
             break
         try:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                     runtime_env=WORKER_SETUP)
+                     runtime_env=runtime_env or WORKER_SETUP)
         except Exception as err:  # noqa: BLE001 - Ray gives the raylet 30 s to register; a loaded box misses it
             if "timed out during startup" not in str(err) or attempt == 2:
                 raise
@@ -229,6 +231,34 @@ def cpu_seconds(processes) -> float:
         except Exception:  # exited meanwhile
             pass
     return total
+
+
+class ProcessCpu(threading.Thread):
+    """Cumulative CPU seconds of this session's Ray processes whose title holds ``fragment``, sampled
+    against time.time() every ``interval`` seconds."""
+
+    def __init__(self, fragment: str, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.fragment, self.interval, self.samples, self.halt = fragment, interval, [], threading.Event()
+        self.seen: dict[int, float] = {}
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            for proc in ray_processes():
+                if self.fragment in title(proc):
+                    self.seen[proc.pid] = cpu_seconds([proc]) or self.seen.get(proc.pid, 0.0)
+            self.samples.append((time.time(), sum(self.seen.values())))
+            self.halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join()
+
+    def between(self, t0: float, t1: float) -> float:
+        import numpy as np
+
+        times, totals = zip(*self.samples)
+        return float(np.interp(t1, times, totals) - np.interp(t0, times, totals))
 
 
 def title(proc) -> str:

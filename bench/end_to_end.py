@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import threading
 import time
 
 from stablerep_ray.captions import count_captions_per_pass
@@ -29,29 +28,6 @@ from .generation import ray_window
 
 MODULE = "bench.end_to_end"
 BOTTLENECK_WAIT = 0.2  # data-wait fraction above which generation is the bottleneck
-
-
-class ActorCpu(threading.Thread):
-    """Cumulative CPU seconds of the generator actor processes, sampled against time.time()."""
-
-    def __init__(self, interval: float = 1.0):
-        super().__init__(daemon=True)
-        self.interval, self.samples, self.halt = interval, [], threading.Event()
-        self.seen: dict[int, float] = {}
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            for proc in common.ray_processes():
-                if "GeneratorActor" in common.title(proc):
-                    self.seen[proc.pid] = common.cpu_seconds([proc]) or self.seen.get(proc.pid, 0.0)
-            self.samples.append((time.time(), sum(self.seen.values())))
-            self.halt.wait(self.interval)
-
-    def between(self, t0: float, t1: float) -> float:
-        import numpy as np
-
-        times, totals = zip(*self.samples)
-        return float(np.interp(t1, times, totals) - np.interp(t0, times, totals))
 
 
 def steady_state(scalars: dict, batch_size: int, skip: int) -> dict:
@@ -103,11 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     before = ray_window(gen_config, args.gen_batches, per_pass)
     print(f"  generator only (before): {before['images_per_s']:.2f} images/s", flush=True)
     t0 = time.perf_counter()
-    sampler = ActorCpu()
+    sampler = common.ProcessCpu("GeneratorActor")
     sampler.start()
     result = fit(config, captions_per_pass=per_pass)
-    sampler.halt.set()
-    sampler.join()
+    sampler.stop()
     train_s = time.perf_counter() - t0
     if result.error:
         raise SystemExit(f"training failed: {result.error}")
