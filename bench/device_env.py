@@ -11,7 +11,8 @@ and reach no package index. Those, with what they need that the image lacks (``P
 installed here from their wheels for CPython 3.12 manylinux at the versions ``uv.lock`` pins, and packed
 into one archive. Ray's Java jar (32 of its wheel's 79 MB), RLlib, Serve and the dashboard's web client,
 which this project never loads, are left out so the archive fits the 64 MiB a device call may carry.
-``--python-version 3.11`` builds the same pack for this machine's Python, to check it here
+``--python-version 3.11 --output /tmp/site-py311.tar.xz`` builds the same pack for this machine's
+Python, to check it here; keep it out of ``.devenv``, which a device call carries whole
 (docs/performance.md, "On a lent GPU machine").
 """
 
