@@ -161,15 +161,18 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: list[dict] = []
     start = time.perf_counter()
+    # A fresh folder per invocation: a run name that exists would resume its finished checkpoint
+    # and score the old model with nothing trained.
+    output_dir = f"{args.output_dir}/{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         for seed in args.seeds:
-            config = run_config(base, args.objectives[0], seed, steps, args.output_dir)
+            config = run_config(base, args.objectives[0], seed, steps, output_dir)
             torch.manual_seed(seed)  # the train loop seeds rank 0 with train.seed before build_model
             acc = score(build_model(config).eval())
             runs.append({"objective": "random", "seed": seed, "steps": 0, "knn_top1": acc, "seconds": 0.0})
             print(f"random     seed {seed}: " + "  ".join(f"{a} {v:.3f}" for a, v in acc.items()), flush=True)
             for objective in args.objectives:
-                config = run_config(bases[objective], objective, seed, steps_of[objective], args.output_dir)
+                config = run_config(bases[objective], objective, seed, steps_of[objective], output_dir)
                 t0 = time.perf_counter()
                 result = fit(config)
                 seconds = time.perf_counter() - t0
