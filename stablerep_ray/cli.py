@@ -142,10 +142,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .console import eval_summary
     from .evaluation import evaluate
-    from .runtime import configure_data_context, setup_process
+    from .runtime import configure_data_context
 
-    setup_process()  # evaluate starts or joins Ray itself, once its checks have passed
-    configure_data_context()
+    configure_data_context()  # evaluate starts or joins Ray itself (runtime.start_ray), once its checks pass
     overrides = {"knn_k": args.k, "knn_temperature": args.temperature, "batch_size": args.batch_size,
                  "max_images": args.max_images}
     results = evaluate(args.checkpoint, args.data, method=args.method, output=args.output, overrides=overrides,

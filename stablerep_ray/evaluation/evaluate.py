@@ -95,9 +95,9 @@ def _ray_session(use_ray: bool | None) -> Iterator[bool]:
 
     started = bool(use_ray) and not ray.is_initialized()
     if started:
-        from ..runtime import WORKER_SETUP
+        from ..runtime import start_ray
 
-        ray.init(runtime_env=WORKER_SETUP, **({} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
+        start_ray(os.environ.get("RAY_ADDRESS", ""))
     try:
         yield ray.is_initialized()
     finally:

@@ -74,13 +74,10 @@ def _in_process(cfg: SynthConfig, chunks: int) -> Iterator[dict]:
 def _through_ray(config: Config, cfg: SynthConfig, chunks: int) -> Iterator[dict]:
     import ray
 
-    from ...runtime import WORKER_SETUP, configure_data_context, local_resources, ray_address, setup_process
+    from ...runtime import configure_data_context, local_resources, ray_address, start_ray
 
     if not ray.is_initialized():
-        address = ray_address(config)
-        setup_process()
-        ray.init(address=address or None, include_dashboard=False, runtime_env=WORKER_SETUP,
-                 **({} if address else {"num_cpus": int(local_resources(config)[0])}))
+        start_ray(ray_address(config), num_cpus=int(local_resources(config)[0]))
         configure_data_context()
     yield from synth_captions(cfg, detail=True, chunks=chunks).iter_batches(batch_size=None, batch_format="numpy")
 
