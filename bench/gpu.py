@@ -371,9 +371,10 @@ def main(argv: list[str] | None = None) -> int:
             result["options"] = bench_options(key, args, device, peak, result["flops"], batch, budget)
             common.write_partial(result_name, summary(), MODULE)
 
-    path = common.write_result(result_name, summary(), MODULE)
+    final = summary()
+    path = common.write_result(result_name, final, MODULE)
     print(f"\ncommand: {common.command_line(MODULE)}  ({budget.elapsed():.0f} s)")
-    print_table(summary(), families, args, generation_tflop)
+    print_table(final, families, args, generation_tflop)
     print(f"wrote {path}")
     return 0
 
