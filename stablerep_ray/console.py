@@ -17,6 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 VERBOSE_ENV = "STABLEREP_RAY_VERBOSE"
+#: An ``embed/*`` spread (telemetry.embedding_spread) below this: every input maps to about one direction
+#: (mean pairwise cosine above ~0.9975). Measured (docs/learning.md, "Collapse"): SynCLR collapsing in the
+#: simple world's shape-only warm-up 0.04-0.09 from step 20 on (without iBOT and local crops below 0.01);
+#: live runs 0.12-0.24 (StableRep in that warm-up, learning shape) and 0.5-0.8 elsewhere.
+COLLAPSED_SPREAD = 0.05
 
 
 def verbose() -> bool:
@@ -73,6 +78,17 @@ def progress_line(record: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def collapse_warning(record: dict[str, Any]) -> str | None:
+    """The line that says a run's embeddings have collapsed, or None while they are spread out."""
+    low = [f"{name} {value:.3f}" for name, value in record["scalars"].items()
+           if name.startswith("embed/") and value < COLLAPSED_SPREAD]
+    if not low:
+        return None
+    return (f"warning: step {record['step']}: the embeddings have collapsed to one point ({', '.join(low)}; "
+            f"1 = spread out): the contrastive loss has no gradient left and this run will not learn from "
+            f"here (docs/learning.md, 'Collapse')")
+
+
 def quiet_train_worker() -> None:
     """Drop the INFO line Ray Train's workers log for every report (its raw metrics dict). Its logger is
     named by a file path, so Train's own log level (``RunConfig.logging_config``) does not reach it."""
@@ -104,6 +120,7 @@ class TrainConsole:
         self.records: list[dict[str, Any]] = []
         self.started = time.perf_counter()
         self.queue = None
+        self.collapsed: str | None = None  # the first collapse warning, repeated in the summary
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -140,6 +157,10 @@ class TrainConsole:
     def _print(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         echo(progress_line(record))
+        warning = collapse_warning(record)
+        if warning and not self.collapsed:
+            self.collapsed = warning
+            echo(warning)
 
     def summary(self, result) -> list[str]:
         """The end-of-run lines: steps, images, times, throughput, final metrics, where things went."""
@@ -165,6 +186,8 @@ class TrainConsole:
             ]
         else:
             lines.append(f"done: no training step run in {duration(wall)} (the run had reached its last step)")
+        if self.collapsed:
+            lines.append(self.collapsed)
         checkpoint = result.checkpoint.path if result.checkpoint else "none"
         lines += [
             f"checkpoint: {checkpoint}",

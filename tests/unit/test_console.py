@@ -6,7 +6,7 @@ import pytest
 from repo import QUICKSTART
 
 from stablerep_ray.config import load_config
-from stablerep_ray.console import TrainConsole, duration, eval_summary, progress_line
+from stablerep_ray.console import TrainConsole, collapse_warning, duration, eval_summary, progress_line
 
 
 def record(step, start=0, train_s=30.0, knn=None):
@@ -71,6 +71,28 @@ def test_summary_shows_each_eval_set(tmp_path):
     final = console.summary(SimpleNamespace(checkpoint=None))[2]
     assert final.endswith("(mean over 2 workers)  eval/knn_top1 color 0.8300 shape 0.2149  "
                           "eval/student/knn_top1 color 0.3300 shape 0.1149")
+
+
+def collapsing(step, **spreads):
+    rec = record(step)
+    rec["scalars"].update({f"embed/{name}": value for name, value in spreads.items()})
+    return rec
+
+
+def test_a_collapse_is_said_once_when_it_happens_and_again_in_the_summary(tmp_path, capsys):
+    assert collapse_warning(record(10)) is None  # objectives that report no spread
+    assert collapse_warning(collapsing(10, spread=0.4, teacher_spread=0.3)) is None
+    assert collapse_warning(collapsing(20, spread=0.021, teacher_spread=0.3)).startswith(
+        "warning: step 20: the embeddings have collapsed to one point (embed/spread 0.021; 1 = spread out)")
+    console = TrainConsole(load_config(QUICKSTART, [f"output_dir={tmp_path}"]))
+    for step, spread in ((10, 0.4), (20, 0.021), (30, 0.011), (40, 0.012)):
+        console._print(collapsing(step, spread=spread))
+    lines = capsys.readouterr().out.splitlines()
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(lines) == 5 and len(warnings) == 1 and lines[2] == warnings[0]  # right after step 20's line
+    assert "step 20" in warnings[0] and "docs/learning.md, 'Collapse'" in warnings[0]
+    summary = console.summary(SimpleNamespace(checkpoint=None))
+    assert summary[3] == warnings[0] and summary[-2] == "checkpoint: none"
 
 
 def test_summary_of_a_run_that_had_nothing_left_to_do(tmp_path):

@@ -15,7 +15,8 @@ class SimCLR(Objective):
 
     def loss(self, forward, model, inputs, labels, batch):
         from ...losses import simclr_loss
+        from ..telemetry import embedding_spread
 
-        view1, view2 = forward(inputs, self.head_chunks).chunk(2)
-        loss = simclr_loss(view1, view2, self.config.train.temperature, distributed=True)
-        return loss, {"loss/image": loss.detach()}
+        z = forward(inputs, self.head_chunks)
+        loss = simclr_loss(*z.chunk(2), self.config.train.temperature, distributed=True)
+        return loss, {"loss/image": loss.detach(), "embed/spread": embedding_spread(z)}

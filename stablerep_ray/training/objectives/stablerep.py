@@ -10,7 +10,8 @@ class StableRep(Objective):
 
     def loss(self, forward, model, inputs, labels, batch):
         from ...losses import multi_positive_loss
+        from ..telemetry import embedding_spread
 
-        loss = multi_positive_loss(forward(inputs, self.head_chunks), labels, self.config.train.temperature,
-                                   distributed=True)
-        return loss, {"loss/image": loss.detach()}
+        z = forward(inputs, self.head_chunks)
+        loss = multi_positive_loss(z, labels, self.config.train.temperature, distributed=True)
+        return loss, {"loss/image": loss.detach(), "embed/spread": embedding_spread(z)}

@@ -31,6 +31,7 @@ class StableRepPlus(StableRep):
         import torch
 
         from ...losses import image_text_loss, multi_positive_loss
+        from ..telemetry import embedding_spread
 
         z, features = forward(inputs, self.head_chunks, with_features=True)
         image_loss = multi_positive_loss(z, labels, self.config.train.temperature, distributed=True)
@@ -40,7 +41,7 @@ class StableRepPlus(StableRep):
         text_loss = image_text_loss(model.image_for_text(features), labels, text_z, text_labels,
                                     model.logit_scale, distributed=True)
         metrics = {"loss/image": image_loss.detach(), "loss/image_text": text_loss.detach(),
-                   "logit_scale": model.logit_scale.detach().exp()}
+                   "logit_scale": model.logit_scale.detach().exp(), "embed/spread": embedding_spread(z)}
         return image_loss + text_loss, metrics
 
     def after_step(self, model, step):

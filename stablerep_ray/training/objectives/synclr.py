@@ -147,6 +147,7 @@ class SynCLR(Objective):
         import torch
 
         from ...losses import masked_patch_loss, sinkhorn_knopp, teacher_multi_positive_loss
+        from ..telemetry import embedding_spread
 
         s, tau = self.config.synclr, self.config.train.temperature
         crops, mask = inputs.crops, inputs.mask
@@ -177,6 +178,8 @@ class SynCLR(Objective):
             metrics["synclr/masked_fraction"] = mask.float().mean()
         metrics = {k: v.detach() for k, v in metrics.items()}
         metrics["synclr/teacher_momentum"] = torch.tensor(self.momentum())
+        metrics["embed/spread"] = embedding_spread(student.global_z)
+        metrics["embed/teacher_spread"] = embedding_spread(teacher.global_z)
         return total, metrics
 
     def momentum(self) -> float:

@@ -36,6 +36,7 @@ def test_every_objective_trains_through_the_one_step(name):
         assert torch.isfinite(result.loss)
         assert result.labels.shape[0] == captions * config.group_size == config.train.batch_size // 2
         assert any(k.startswith("loss/") for k in result.metrics)
+        assert 0 < float(result.metrics["embed/spread"]) <= 1  # the console's collapse check reads it
         assert all(torch.isfinite(torch.as_tensor(v)) for v in result.metrics.values())
     assert step.step == 2
     changed = [not torch.equal(a, b) for a, b in zip(before, step.model.parameters(), strict=True)]

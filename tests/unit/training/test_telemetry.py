@@ -1,4 +1,5 @@
-"""TensorBoard telemetry: the loss averaged over ranks, and hparams the HParams plugin finds in the run."""
+"""TensorBoard telemetry: the loss averaged over ranks, hparams the HParams plugin finds in the run, and the
+embeddings' spread that tells a collapsed run from a live one."""
 
 import multiprocessing
 import socket
@@ -8,7 +9,7 @@ import torch
 from repo import QUICKSTART
 
 from stablerep_ray.config import load_config
-from stablerep_ray.training.telemetry import HPARAM_KEYS, rank_mean, write_hparams
+from stablerep_ray.training.telemetry import HPARAM_KEYS, embedding_spread, rank_mean, write_hparams
 
 
 def _rank(rank: int, port: int, out) -> None:
@@ -66,3 +67,16 @@ def test_hparams_land_in_the_run_directory_itself(tmp_path):
     assert values["train.peak_lr"].number_value == pytest.approx(config.peak_lr)
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert [m.name.tag for m in experiment.metric_infos] == ["loss/total", "eval/knn_top1"]
+
+
+def test_embedding_spread_is_one_for_cancelling_directions_and_zero_for_one_point():
+    torch.manual_seed(0)
+    assert float(embedding_spread(torch.randn(4096, 64))) == pytest.approx(1.0, abs=0.01)
+    assert float(embedding_spread(torch.cat([torch.eye(8), -torch.eye(8)]))) == pytest.approx(1.0)
+    # d orthonormal vectors: their mean has length 1/sqrt(d)
+    assert float(embedding_spread(torch.eye(16))) == pytest.approx((1 - 1 / 16) ** 0.5)
+    one_point = torch.randn(1, 64).repeat(128, 1) * torch.rand(128, 1)  # lengths differ, direction does not
+    assert float(embedding_spread(one_point)) < 1e-3
+    # nearly collapsed: every row the same direction plus noise of 2 % of its length
+    noise = 0.02 * one_point.norm(dim=1, keepdim=True) * torch.randn(128, 64) / 64**0.5
+    assert 0.005 < float(embedding_spread(one_point + noise)) < 0.05
