@@ -18,9 +18,10 @@ from typing import Any
 
 VERBOSE_ENV = "STABLEREP_RAY_VERBOSE"
 #: An ``embed/*`` spread (telemetry.embedding_spread) below this: every input maps to about one direction
-#: (mean pairwise cosine above ~0.9975). Measured (docs/learning.md, "Collapse"): SynCLR collapsing in the
-#: simple world's shape-only warm-up 0.04-0.09 from step 20 on (without iBOT and local crops below 0.01);
-#: live runs 0.12-0.24 (StableRep in that warm-up, learning shape) and 0.5-0.8 elsewhere.
+#: (mean pairwise cosine above ~0.9975). Measured (docs/learning.md, "Collapse"): SynCLR stuck in the
+#: simple world's shape-only warm-up 0.05-0.09 (without iBOT and local crops 0.01, caught); live runs
+#: 0.12-0.24 (StableRep in that warm-up, learning shape) and 0.5-0.8 elsewhere. Set low: a warning that
+#: fires on a run about to learn would teach people to ignore it.
 COLLAPSED_SPREAD = 0.05
 
 
