@@ -18,11 +18,17 @@ from typing import Any
 
 VERBOSE_ENV = "STABLEREP_RAY_VERBOSE"
 #: An ``embed/*`` spread (telemetry.embedding_spread) below this: every input maps to about one direction
-#: (mean pairwise cosine above ~0.9975). Measured (docs/learning.md, "Collapse"): SynCLR stuck in the
-#: simple world's shape-only warm-up 0.05-0.09 (without iBOT and local crops 0.01, caught); live runs
-#: 0.12-0.24 (StableRep in that warm-up, learning shape) and 0.5-0.8 elsewhere. Set low: a warning that
-#: fires on a run about to learn would teach people to ignore it.
+#: (mean pairwise cosine above ~0.9975), whatever the loss does.
 COLLAPSED_SPREAD = 0.05
+#: Stuck: over the last STUCK_RECORDS log records a loss term moved by less than STUCK_FLATNESS of its
+#: value while a spread stayed under STUCK_SPREAD. Measured (docs/learning.md, "Collapse"): SynCLR stuck
+#: in the simple world's shape-only warm-up reads its contrastive term at ln 127 +- 0.001 with spreads of
+#: 0.05-0.09; live runs stay above 0.12 (StableRep in that warm-up, at the same flat loss for 60 steps
+#: before it finds shape) and at 0.5-0.8 elsewhere, and a loss that learns moves by more than 0.1 %
+#: from one log to the next. Both conditions, so a plateau or a slow start is not called stuck.
+STUCK_RECORDS = 5
+STUCK_FLATNESS = 1e-3
+STUCK_SPREAD = 0.1
 
 
 def verbose() -> bool:
@@ -79,15 +85,38 @@ def progress_line(record: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def collapse_warning(record: dict[str, Any]) -> str | None:
-    """The line that says a run's embeddings have collapsed, or None while they are spread out."""
-    low = [f"{name} {value:.3f}" for name, value in record["scalars"].items()
+def collapse_warning(records: list[dict[str, Any]]) -> str | None:
+    """The line that says a run has collapsed or is stuck, given its log records so far; None while it
+    is live."""
+    step, scalars = records[-1]["step"], records[-1]["scalars"]
+    low = [f"{name} {value:.3f}" for name, value in scalars.items()
            if name.startswith("embed/") and value < COLLAPSED_SPREAD]
-    if not low:
+    if low:
+        return (f"warning: step {step}: the embeddings have collapsed to one point ({', '.join(low)}; "
+                f"1 = spread out): the contrastive loss has no gradient left and this run will not learn "
+                f"from here (docs/learning.md, 'Collapse')")
+    window = [r["scalars"] for r in records[-STUCK_RECORDS:]]
+    if len(window) < STUCK_RECORDS:
         return None
-    return (f"warning: step {record['step']}: the embeddings have collapsed to one point ({', '.join(low)}; "
-            f"1 = spread out): the contrastive loss has no gradient left and this run will not learn from "
-            f"here (docs/learning.md, 'Collapse')")
+    spreads = [name for name in scalars if name.startswith("embed/")
+               and all(s.get(name, 1.0) < STUCK_SPREAD for s in window)]
+    flat = [name for name in scalars if name.startswith("loss/") and name != "loss/total"
+            and _moved(name, window) < STUCK_FLATNESS]
+    if not (spreads and flat):
+        return None
+    since = records[-STUCK_RECORDS]["step"]
+    spread_range = ", ".join(f"{n} {min(s[n] for s in window):.2f}-{max(s[n] for s in window):.2f}" for n in spreads)
+    return (f"warning: step {step}: the run is stuck: {flat[0]} has stayed at {scalars[flat[0]]:.3f} since step "
+            f"{since} while the embeddings sit near one point ({spread_range}; 1 = spread out): it is not "
+            f"learning (docs/learning.md, 'Collapse')")
+
+
+def _moved(name: str, window: list[dict[str, float]]) -> float:
+    """How far a scalar moved over the window, relative to its size (inf where a record lacks it)."""
+    values = [s.get(name) for s in window]
+    if None in values:
+        return float("inf")
+    return (max(values) - min(values)) / max(abs(max(values)), 1e-12)
 
 
 def quiet_train_worker() -> None:
@@ -158,7 +187,7 @@ class TrainConsole:
     def _print(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         echo(progress_line(record))
-        warning = collapse_warning(record)
+        warning = collapse_warning(self.records)
         if warning and not self.collapsed:
             self.collapsed = warning
             echo(warning)

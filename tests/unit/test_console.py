@@ -80,9 +80,9 @@ def collapsing(step, **spreads):
 
 
 def test_a_collapse_is_said_once_when_it_happens_and_again_in_the_summary(tmp_path, capsys):
-    assert collapse_warning(record(10)) is None  # objectives that report no spread
-    assert collapse_warning(collapsing(10, spread=0.4, teacher_spread=0.3)) is None
-    assert collapse_warning(collapsing(20, spread=0.021, teacher_spread=0.3)).startswith(
+    assert collapse_warning([record(10)]) is None  # objectives that report no spread
+    assert collapse_warning([collapsing(10, spread=0.4, teacher_spread=0.3)]) is None
+    assert collapse_warning([collapsing(20, spread=0.021, teacher_spread=0.3)]).startswith(
         "warning: step 20: the embeddings have collapsed to one point (embed/spread 0.021; 1 = spread out)")
     console = TrainConsole(load_config(QUICKSTART, [f"output_dir={tmp_path}"]))
     for step, spread in ((10, 0.4), (20, 0.021), (30, 0.011), (40, 0.012)):
@@ -93,6 +93,44 @@ def test_a_collapse_is_said_once_when_it_happens_and_again_in_the_summary(tmp_pa
     assert "step 20" in warnings[0] and "docs/learning.md, 'Collapse'" in warnings[0]
     summary = console.summary(SimpleNamespace(checkpoint=None))
     assert summary[3] == warnings[0] and summary[-2] == "checkpoint: none"
+
+
+def stuck_run(spreads, contrastive, ibot=None):
+    """One record per log interval (every 10 steps) of a SynCLR-like run."""
+    records = []
+    for i, (spread, term) in enumerate(zip(spreads, contrastive, strict=True)):
+        rec = collapsing(10 * (i + 1), spread=spread, teacher_spread=0.2)
+        rec["scalars"]["loss/contrastive_global"] = term
+        if ibot is not None:
+            rec["scalars"]["loss/ibot"] = ibot[i]
+        records.append(rec)
+    return records
+
+
+def test_a_run_stuck_at_a_flat_loss_with_bunched_embeddings_is_called_stuck():
+    # Measured through the pipeline (docs/learning.md): contrastive term 4.843-4.845, spread 0.058-0.09,
+    # while the iBOT term still moves.
+    stuck = stuck_run([0.09, 0.07, 0.06, 0.058, 0.07], [4.844, 4.845, 4.843, 4.844, 4.844],
+                      ibot=[6.9, 6.5, 6.2, 6.0, 5.7])
+    assert collapse_warning(stuck) == (
+        "warning: step 50: the run is stuck: loss/contrastive_global has stayed at 4.844 since step 10 while "
+        "the embeddings sit near one point (embed/spread 0.06-0.09; 1 = spread out): it is not learning "
+        "(docs/learning.md, 'Collapse')")
+    assert collapse_warning(stuck[:4]) is None  # too few intervals to tell
+    # Not stuck: the same flat loss with spread-out embeddings (StableRep's warm-up before it finds shape) ...
+    assert collapse_warning(stuck_run([0.15, 0.12, 0.13, 0.2, 0.21], [4.845] * 5)) is None
+    # ... one interval with spread-out embeddings, or a loss that moves by more than 0.1 %
+    assert collapse_warning(stuck_run([0.09, 0.07, 0.12, 0.058, 0.07], [4.844] * 5)) is None
+    assert collapse_warning(stuck_run([0.09] * 5, [4.844, 4.84, 4.83, 4.82, 4.835])) is None
+
+
+def test_stuck_is_said_once_and_again_in_the_summary(tmp_path, capsys):
+    console = TrainConsole(load_config(QUICKSTART, [f"output_dir={tmp_path}"]))
+    for rec in stuck_run([0.08] * 8, [4.844] * 8):
+        console._print(rec)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: step 50: the run is stuck")
+    assert warnings[0] in console.summary(SimpleNamespace(checkpoint=None))
 
 
 def test_summary_of_a_run_that_had_nothing_left_to_do(tmp_path):
