@@ -80,6 +80,8 @@ def test_forwarded_worker_noise_goes_and_the_rest_stays():
             "Task MapWorker(MapBatches(GeneratorActor)).submit failed. There are infinite retries "
             "remaining, so the task will be retried. Error: The actor is dead because it was killed by "
             "`ray.kill`.",
+            "\x1b[36m(SplitCoordinator pid=13025)\x1b[0m \u2714\ufe0f  Dataset train_0355RT_0 execution finished in "
+            "123.38 seconds",
         ]
         dispatcher.emit({"pid": "raylet", "is_err": True, "lines": noise})
         dispatcher.emit({"pid": 7, "is_err": True, "lines": [noise[1], "Traceback: a real error"]})
