@@ -23,9 +23,9 @@ COLLAPSED_SPREAD = 0.05
 #: Stuck: over the last STUCK_RECORDS log records a loss term moved by less than STUCK_FLATNESS of its
 #: value while a spread stayed under STUCK_SPREAD. Measured (docs/learning.md, "Collapse"): SynCLR stuck
 #: in the simple world's shape-only warm-up reads its contrastive term at ln 127 +- 0.001 with spreads of
-#: 0.05-0.09; live runs stay above 0.12 (StableRep in that warm-up, at the same flat loss for 60 steps
-#: before it finds shape) and at 0.5-0.8 elsewhere, and a loss that learns moves by more than 0.1 %
-#: from one log to the next. Both conditions, so a plateau or a slow start is not called stuck.
+#: 0.05-0.09; live runs stay above 0.12 (StableRep in that warm-up, its loss within 0.3 % of ln 127 for
+#: 60 steps before it finds shape) and at 0.5-0.8 elsewhere. Both conditions, so that neither a slow
+#: start with spread-out embeddings nor bunched embeddings under a moving loss is called stuck.
 STUCK_RECORDS = 5
 STUCK_FLATNESS = 1e-3
 STUCK_SPREAD = 0.1
