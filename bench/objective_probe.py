@@ -6,7 +6,8 @@
 
 For diagnosing an objective (a term that never moves, embeddings that collapse to one point), not the
 pipeline: ``bench.learning`` measures through the real one. The config's captions are read in file
-order from line ``--start`` (wrapping), ``train.batch_size`` inputs a step as the stream makes them:
+order from line ``--start`` (wrapping), ``train.batch_size`` inputs a step as the stream makes them
+(labels by caption text, as ``caption_rows`` gives them: a repeated caption's images are positives),
 each caption's first ``stream.images_per_group`` simulator images (``generator.seed`` as the run's),
 through the one training step (``TrainStep``: views, loss, optimiser, schedule, teacher update). Every
 ``--every`` steps it prints the step's loss terms and ``embed/*`` spreads (1 spread out, 0 one point:
@@ -31,20 +32,23 @@ def caption_batches(config, start: int, captions_per_step: int):
 
     import numpy as np
 
+    from stablerep_ray.captions import caption_rows, normalise_caption
     from stablerep_ray.stream import Batch
     from stablerep_ray.tools.simulator import SimulatorGenerator
 
-    captions = [line.strip() for line in Path(config.captions.source).read_text().splitlines() if line.strip()]
+    lines = (normalise_caption(line) for line in Path(config.captions.source).read_text().splitlines())
+    captions = [text for text in lines if text]
     m = config.images_drawn_per_group
     generator = SimulatorGenerator(config.generator.model_copy(update={"images_per_caption": m}))
     position = start
     while True:
-        ids = np.arange(position, position + captions_per_step, dtype=np.int64) % len(captions)
+        positions = np.arange(position, position + captions_per_step, dtype=np.int64) % len(captions)
         position += captions_per_step
-        texts = [captions[i] for i in ids]
-        images = generator({"caption_id": ids, "caption": np.array(texts, dtype=object), "position": ids})["images"]
-        yield Batch(images=images.reshape(-1, *images.shape[2:]), caption_ids=np.repeat(ids, m), captions=texts,
-                    keys=ids)
+        # The stream's rows: a caption's id is its text's, so repeats of a caption are positives.
+        rows = caption_rows(0, positions.tolist(), [captions[i] for i in positions])
+        images = generator(rows)["images"]
+        yield Batch(images=images.reshape(-1, *images.shape[2:]), caption_ids=np.repeat(rows["caption_id"], m),
+                    captions=list(rows["caption"]), keys=positions)
 
 
 def main(argv: list[str] | None = None) -> int:
