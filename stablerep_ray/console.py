@@ -187,10 +187,10 @@ class TrainConsole:
     def _print(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         echo(progress_line(record))
-        warning = collapse_warning(self.records)
-        if warning and not self.collapsed:
-            self.collapsed = warning
-            echo(warning)
+        if not self.collapsed:  # said once: no need to look again
+            self.collapsed = collapse_warning(self.records)
+            if self.collapsed:
+                echo(self.collapsed)
 
     def summary(self, result) -> list[str]:
         """The end-of-run lines: steps, images, times, throughput, final metrics, where things went."""

@@ -73,9 +73,8 @@ def embedding_spread(z: torch.Tensor) -> torch.Tensor:
     """How far a batch of embeddings is from a single point: sqrt(1 - |mean of the unit vectors|^2).
     1 when they cancel out over the sphere, 0 when every input maps to the same direction (collapse:
     the contrastive loss then sits at log(batch - 1) with no gradient left). Logged as ``embed/*``."""
-    with torch.no_grad():
-        mean = torch.nn.functional.normalize(z.detach().float(), dim=1).mean(dim=0)
-        return (1 - mean.square().sum()).clamp(min=0).sqrt()
+    mean = torch.nn.functional.normalize(z.detach().float(), dim=1).mean(dim=0)
+    return (1 - mean.square().sum()).clamp(min=0).sqrt()
 
 
 def positives_per_anchor(labels: torch.Tensor) -> float:
