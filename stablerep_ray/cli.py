@@ -156,12 +156,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .models.export import export_encoder, load_snippet, preprocessing_warning
+    from .models.export import export_encoder, load_snippet, output_format, preprocessing_warning
 
-    cfg = export_encoder(args.checkpoint, args.out, args.format, args.weights)
+    fmt = output_format(args.out, args.format)
+    cfg = export_encoder(args.checkpoint, args.out, fmt, args.weights)
     print(f"exported the {cfg['architecture']} encoder of {args.checkpoint} "
           f"(weights: {args.weights or 'those evaluation uses'}) to {args.out}")
-    print("load it without stablerep-ray:\n" + load_snippet(args.out, args.format))
+    print("load it without stablerep-ray:\n" + load_snippet(args.out, fmt))
     warning = preprocessing_warning(cfg)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
@@ -271,10 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a checkpoint's encoder as safetensors that plain timm loads")
     p.add_argument("checkpoint", help="checkpoint directory (holds model.pt) or the model.pt file")
-    p.add_argument("out", help="hf: output directory; timm: output file *.safetensors")
-    p.add_argument("--format", choices=["hf", "timm"], default="hf",
+    p.add_argument("out", help="a directory (hf layout), or a *.safetensors file (timm layout)")
+    p.add_argument("--format", choices=["hf", "timm"],
                    help="hf: config.json + model.safetensors (timm 'local-dir:' / 'hf-hub:'); timm: one "
-                        "safetensors file with the config in its metadata")
+                        "safetensors file with the config in its metadata (default: by OUT's name)")
     p.add_argument("--weights", help="weight set of the checkpoint (default: the one evaluation uses)")
     p.set_defaults(func=cmd_export)
 

@@ -75,6 +75,18 @@ def preprocessing_warning(cfg: dict) -> str | None:
             f"(timm.data.resolve_data_config({{}}, model=model)), not from the architecture name")
 
 
+def output_format(out: str | os.PathLike, fmt: str | None = None) -> str:
+    """The layout to write: ``fmt`` as asked, else by the name (``*.safetensors``: one file, timm;
+    anything else: a directory, hf)."""
+    suffix = Path(out).suffix
+    if fmt is None:
+        return "timm" if suffix == ".safetensors" else "hf"
+    if fmt == "hf" and suffix == ".safetensors":
+        raise ConfigError(f"export OUT {str(out)!r}: --format hf writes a directory, not a *.safetensors file; "
+                          f"drop --format hf to write one file, or name a directory")
+    return fmt
+
+
 def _check_output(out: Path, fmt: str) -> None:
     if fmt == "timm":
         if out.suffix != ".safetensors" or out.is_dir():
@@ -84,15 +96,17 @@ def _check_output(out: Path, fmt: str) -> None:
         raise ConfigError(f"export OUT {str(out)!r}: is a file; --format hf writes a directory, pass a directory path")
 
 
-def export_encoder(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: Literal["hf", "timm"] = "hf",
-                   weights: str | None = None) -> dict:
+def export_encoder(checkpoint: str | os.PathLike, out: str | os.PathLike,
+                   fmt: Literal["hf", "timm"] | None = None, weights: str | None = None) -> dict:
     """Write the encoder of ``checkpoint`` (weight set ``weights``; None: the one evaluation uses) to
-    ``out`` in layout ``fmt``; returns the timm config written with it."""
+    ``out`` in layout ``fmt`` (None: by ``out``'s name, see ``output_format``); returns the timm
+    config written with it."""
     from safetensors.torch import save_file
 
     from .io import load_checked_model
 
     out = Path(out).expanduser()
+    fmt = output_format(out, fmt)
     _check_output(out, fmt)
     model, config = load_checked_model(checkpoint, weights)
     if config.model.stem != "patch":

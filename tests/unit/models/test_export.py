@@ -57,7 +57,8 @@ def test_exports_load_in_plain_timm_with_the_evaluation_features(checkpoint, tmp
     printed = capsys.readouterr()
     assert load_snippet(hf, "hf") in printed.out
     assert printed.err.startswith("warning: timm's default preprocessing for vit_tiny_patch16_224 (mean (0.5,")
-    assert main(["export", str(checkpoint), str(single), "--format", "timm", "--weights", "model"]) == 0
+    assert main(["export", str(checkpoint), str(single), "--weights", "model"]) == 0  # timm: by the name
+    assert load_snippet(single, "timm") in capsys.readouterr().out
     assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
 
     x = torch.randn(3, 3, 32, 32)
@@ -96,6 +97,7 @@ def test_config_json_names_the_architecture_and_not_timms_pretrained_weights(che
 
 @pytest.mark.parametrize("out,args,expected", [
     ("encoder.pt", ["--format", "timm"], "name it *.safetensors"),
+    ("encoder.safetensors", ["--format", "hf"], "drop --format hf to write one file"),
     ("file", [], "--format hf writes a directory"),
     ("hf", ["--weights", "ema"], "not 'ema'"),
 ])
