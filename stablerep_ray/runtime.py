@@ -165,6 +165,7 @@ PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group
 AUTOSCALING_CLIENT_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
 PG_CLEANER_THREAD = "PlacementGroupCleanerMonitor"
 DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
+DATA_EXECUTOR_LOGGER = "ray.data._internal.execution.streaming_executor"
 
 
 @functools.cache  # once per process
@@ -181,7 +182,9 @@ def quiet_ray_logs() -> None:
     ``configure_data_context`` chose on purpose. On a busy machine, Train's controller warns every 20 s
     that a resource request to Ray's autoscaling coordinator timed out (harmless, it says, when
     transient): the warning stays, its 17-line traceback of the timeout goes. A new local Ray turns
-    token authentication on by default, the safe default, and warns that it did.
+    token authentication on by default, the safe default, and warns that it did. Ray Data says at INFO
+    that a dataset's execution finished (the training stream's end, evaluation's feature pass), where
+    our summary says more.
     """
     logging.getLogger(AUTH_SETUP_LOGGER).addFilter(
         lambda record: not record.getMessage().startswith("Token authentication is enabled")
@@ -191,6 +194,9 @@ def quiet_ray_logs() -> None:
     )
     logging.getLogger(DATA_PROGRESS_LOGGER).addFilter(
         lambda record: not record.getMessage().startswith("Progress bars")
+    )
+    logging.getLogger(DATA_EXECUTOR_LOGGER).addFilter(
+        lambda record: "execution finished in" not in record.getMessage()
     )
     logging.getLogger(AUTOSCALING_CLIENT_LOGGER).addFilter(_without_timeout_traceback)
     report = threading.excepthook

@@ -37,6 +37,8 @@ def test_known_noise_goes_and_the_rest_stays():
     runtime.quiet_ray_logs()
     assert not log_with(runtime.DATA_PROGRESS_LOGGER, "Progress bars disabled. To enable, set ...")
     assert log_with(runtime.DATA_PROGRESS_LOGGER, "Something else")
+    assert not log_with(runtime.DATA_EXECUTOR_LOGGER, "\u2714\ufe0f  Dataset d_0 execution finished in 7.73 seconds")
+    assert log_with(runtime.DATA_EXECUTOR_LOGGER, "Execution plan of Dataset dataset_0: ...")
     assert not log_with(runtime.PG_CLEANER_LOGGER, "Failed to query Ray Train Controller actor state. ...")
     # the timeout warning keeps its one line and loses its traceback; another error keeps both
     timeout = log_with(runtime.AUTOSCALING_CLIENT_LOGGER, "Failed to send resource request",
