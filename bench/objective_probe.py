@@ -51,8 +51,9 @@ def caption_batches(config, start: int, captions_per_step: int):
                     captions=list(rows["caption"]), keys=positions)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = common.arg_parser(MODULE, __doc__, config="configs/spatial-quickstart.yaml")
+def main(argv: list[str] | None = None, command: str = MODULE) -> int:
+    """``command``: the module named in the output's first line (bench.key_gradient runs this one)."""
+    p = common.arg_parser(command, __doc__, config="configs/spatial-quickstart.yaml")
     p.add_argument("--steps", type=int, default=None, help="default: the config's train.steps")
     p.add_argument("--start", type=int, default=0, help="first caption line read")
     p.add_argument("--every", type=int, default=25, help="steps between loss lines")
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             module.train(was_training)
             print(f"step {done:5d}  {name}  " + "  ".join(f"{a} {v:.3f}" for a, v in scores.items()), flush=True)
 
-    print(f"# {common.command_line(MODULE)}\n# {config.train.objective}, {captions_per_step} captions x "
+    print(f"# {common.command_line(command)}\n# {config.train.objective}, {captions_per_step} captions x "
           f"{config.images_drawn_per_group} images a step from caption {args.start} of {config.captions.source}, "
           f"world {config.generator.world}", flush=True)
     evaluate(0)
