@@ -78,13 +78,7 @@ def preprocessing_warning(cfg: dict) -> str | None:
 def output_format(out: str | os.PathLike, fmt: str | None = None) -> str:
     """The layout to write: ``fmt`` as asked, else by the name (``*.safetensors``: one file, timm;
     anything else: a directory, hf)."""
-    suffix = Path(out).suffix
-    if fmt is None:
-        return "timm" if suffix == ".safetensors" else "hf"
-    if fmt == "hf" and suffix == ".safetensors":
-        raise ConfigError(f"export OUT {str(out)!r}: --format hf writes a directory, not a *.safetensors file; "
-                          f"drop --format hf to write one file, or name a directory")
-    return fmt
+    return fmt or ("timm" if Path(out).suffix == ".safetensors" else "hf")
 
 
 def _check_output(out: Path, fmt: str) -> None:
@@ -92,6 +86,9 @@ def _check_output(out: Path, fmt: str) -> None:
         if out.suffix != ".safetensors" or out.is_dir():
             raise ConfigError(f"export OUT {str(out)!r}: --format timm writes one file; name it *.safetensors "
                               f"(timm reads safetensors by that suffix)")
+    elif out.suffix == ".safetensors":
+        raise ConfigError(f"export OUT {str(out)!r}: --format hf writes a directory, not a *.safetensors file; "
+                          f"drop --format hf to write one file, or name a directory")
     elif out.exists() and not out.is_dir():
         raise ConfigError(f"export OUT {str(out)!r}: is a file; --format hf writes a directory, pass a directory path")
 
