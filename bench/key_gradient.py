@@ -17,6 +17,7 @@ Every other argument is ``bench.objective_probe``'s (the config defaults to the 
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from stablerep_ray.training.objectives import OBJECTIVES
@@ -72,21 +73,15 @@ VARIANTS = {cls.name: cls for cls in (DetachedKeys, Predictor)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(argv):
         print(__doc__)
         return 0
-    if "--variant" not in argv or argv.index("--variant") + 1 >= len(argv):
-        print(f"usage: python -m bench.key_gradient --variant {{{','.join(VARIANTS)}}} "
-              f"[bench.objective_probe's arguments]", file=sys.stderr)
-        return 2
-    at = argv.index("--variant")
-    name = argv[at + 1]
-    if name not in VARIANTS:
-        print(f"--variant: {name!r} is not one of {sorted(VARIANTS)}", file=sys.stderr)
-        return 2
-    OBJECTIVES[name] = VARIANTS[name]
-    return objective_probe.main([*argv[:at], *argv[at + 2:], "--set", f"train.objective={name}"], MODULE)
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", add_help=False)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), required=True)
+    args, probe_args = parser.parse_known_args(argv)
+    OBJECTIVES[args.variant] = VARIANTS[args.variant]
+    return objective_probe.main([*probe_args, "--set", f"train.objective={args.variant}"], MODULE)
 
 
 if __name__ == "__main__":
