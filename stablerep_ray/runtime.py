@@ -174,17 +174,17 @@ def quiet_ray_logs() -> None:
     their setup hook).
 
     Ray Train's placement-group cleaner asks the state API, which the dashboard serves, every second
-    whether the Train controller is alive, and logs a warning on each failed query (one line a second
-    of training): the local Ray runs without its dashboard (faster start, less memory). When several
-    Ray instances share the host, its monitor thread dies instead, with a traceback, on the first
-    query. It only matters when a controller dies on a long-lived cluster; a local Ray removes its
-    placement groups when the driver exits. Ray Data warns that progress bars are off, which
-    ``configure_data_context`` chose on purpose. On a busy machine, Train's controller warns every 20 s
-    that a resource request to Ray's autoscaling coordinator timed out (harmless, it says, when
-    transient): the warning stays, its 17-line traceback of the timeout goes. A new local Ray turns
-    token authentication on by default, the safe default, and warns that it did. Ray Data says at INFO
-    that a dataset's execution finished (the training stream's end, evaluation's feature pass), where
-    our summary says more.
+    whether the Train controller is alive, and logs a warning on each failed query (one line a second of
+    training): the local Ray runs without its dashboard (faster start, less memory). When several Ray
+    instances share the host, its monitor thread dies instead, with a traceback, on the first query. It
+    only matters when a controller dies on a long-lived cluster; a local Ray removes its placement
+    groups when the driver exits. Ray Data warns that progress bars are off, which
+    ``configure_data_context`` chose on purpose, and in a terminal advertises its other progress UI. On
+    a busy machine, Train's controller warns every 20 s that a resource request to Ray's autoscaling
+    coordinator timed out (harmless, it says, when transient): the warning stays, its 17-line traceback
+    of the timeout goes. A new local Ray turns token authentication on by default, the safe default, and
+    warns that it did. Ray Data says at INFO that a dataset's execution finished (the training stream's
+    end, evaluation's feature pass), where our summary says more.
     """
     logging.getLogger(AUTH_SETUP_LOGGER).addFilter(
         lambda record: not record.getMessage().startswith("Token authentication is enabled")
@@ -193,7 +193,7 @@ def quiet_ray_logs() -> None:
         lambda record: "Failed to query Ray Train Controller actor state" not in record.getMessage()
     )
     logging.getLogger(DATA_PROGRESS_LOGGER).addFilter(
-        lambda record: not record.getMessage().startswith("Progress bars")
+        lambda record: not record.getMessage().startswith(("Progress bars", "[dataset]: A new progress UI"))
     )
     logging.getLogger(DATA_EXECUTOR_LOGGER).addFilter(
         lambda record: "execution finished in" not in record.getMessage()

@@ -36,6 +36,7 @@ def log_with(name: str, message: str, error: BaseException | None = None) -> lis
 def test_known_noise_goes_and_the_rest_stays():
     runtime.quiet_ray_logs()
     assert not log_with(runtime.DATA_PROGRESS_LOGGER, "Progress bars disabled. To enable, set ...")
+    assert not log_with(runtime.DATA_PROGRESS_LOGGER, "[dataset]: A new progress UI is available. To enable, ...")
     assert log_with(runtime.DATA_PROGRESS_LOGGER, "Something else")
     assert not log_with(runtime.DATA_EXECUTOR_LOGGER, "\u2714\ufe0f  Dataset d_0 execution finished in 7.73 seconds")
     assert log_with(runtime.DATA_EXECUTOR_LOGGER, "Execution plan of Dataset dataset_0: ...")
