@@ -35,12 +35,17 @@ class Group:
     caption: str
     images: np.ndarray  # (n, S, S, 3) uint8; the first num_images are valid
     num_images: int
+    chunk_rows: int  # rows of its stream chunk, for ChunkProgress at its first serve
     served: int = 0
     last_step: int = -1  # the step of its latest serve
 
     @property
     def nbytes(self) -> int:
         return self.images.nbytes
+
+    @property
+    def chunk(self) -> int:
+        return self.key >> 32  # stream_key's high bits
 
 
 @dataclass
@@ -57,7 +62,13 @@ class Batch:
 
 
 class ChunkProgress:
-    """Rows consumed per stream chunk: what a checkpoint needs to resume without a gap."""
+    """Rows consumed per stream chunk: what a checkpoint needs to resume without a gap.
+
+    A row is consumed at its group's first serve (or when it is read, if it has nothing to serve). A
+    row admitted to the replay buffer but not yet served is not: a restart loses the buffer, so its
+    chunk must be read again. Groups served fewer than R times lose their remaining serves, and no
+    caption goes unserved.
+    """
 
     def __init__(self):
         self.consumed: dict[int, int] = {}
@@ -93,13 +104,13 @@ def resume_chunk(states: list[dict[int, tuple[int, int]]], start: int) -> tuple[
 
 
 def iter_groups(batches: Iterator[dict], min_images: int, progress: ChunkProgress) -> Iterator[Group]:
-    """Flatten generator output into groups; every row counts as consumed, served or not."""
+    """Flatten generator output into groups; a row with too few images to serve counts as consumed here."""
     for batch in batches:
         for i in range(len(batch["caption_id"])):
-            progress.add(int(batch["chunk"][i]), int(batch["chunk_rows"][i]))
             count = int(batch["num_images"][i])
-            if count < min_images:
-                continue  # an empty-chunk marker, or the safety checker dropped too many
+            if count < min_images:  # an empty-chunk marker, or the safety checker dropped too many
+                progress.add(int(batch["chunk"][i]), int(batch["chunk_rows"][i]))
+                continue
             yield Group(
                 key=stream_key(int(batch["chunk"][i]), int(batch["row"][i])),
                 caption_id=int(batch["caption_id"][i]),
@@ -108,6 +119,7 @@ def iter_groups(batches: Iterator[dict], min_images: int, progress: ChunkProgres
                 # memory) alive for as long as any one of its groups is buffered.
                 images=np.array(batch["images"][i]),
                 num_images=count,
+                chunk_rows=int(batch["chunk_rows"][i]),
             )
 
 
@@ -237,6 +249,8 @@ class GroupStream:
         self.step += 1
         images, labels = [], []
         for group in groups:
+            if group.served == 1:
+                self.progress.add(group.chunk, group.chunk_rows)
             pick = self.rng.choice(group.num_images, size=self.m, replace=False)
             images.append(group.images[np.sort(pick)])
             labels.append(np.full(self.m, group.caption_id, dtype=np.int64))

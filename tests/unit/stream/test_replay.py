@@ -125,3 +125,22 @@ def test_progress_counts_rows_the_stream_skips():
     with pytest.raises(StreamExhausted):
         stream.next_batch()
     assert resume_chunk([stream.progress.state()], 0) == (2, 0)
+
+
+@pytest.mark.parametrize("reuse", [1, 4])
+def test_a_resume_serves_every_row_the_lost_buffer_had_not(reuse):
+    """A restart loses the replay buffer: the resume chunk must come no later than the first chunk with
+    a row not yet served, so every caption is served at least once across the restart."""
+    k, capacity = 4, 2 * reuse * 4
+    stream = GroupStream(generator_batches(10_000), captions_per_step=k, images_per_group=2, reuse=reuse,
+                         buffer_groups=capacity, seed=4)
+    served = set()
+    for _ in range(40):
+        served.update(stream.next_batch().keys.tolist())
+    chunk, repeated = resume_chunk([stream.progress.state()], 0)
+    rows_served = {i for i in range(10_000) if (i // CHUNK_ROWS) << 32 | i % CHUNK_ROWS in served}
+    first_unserved = min(set(range(10_000)) - rows_served)
+    assert chunk <= first_unserved // CHUNK_ROWS
+    assert repeated == sum(1 for i in rows_served if i // CHUNK_ROWS >= chunk)
+    if reuse > 1:
+        assert any(g.served == 0 for g in stream.buffer.groups), "the case: admitted, never served"
