@@ -31,6 +31,16 @@ def online_eval(evaluator, step: TrainStep, device) -> dict[str, float]:
     return scores
 
 
+def build_step(config, device, rank: int, distributed: bool) -> TrainStep:
+    """This rank's training step. Every rank starts from the same initial weights: DDP broadcasts only
+    the model, and what an objective derives from it (SynCLR's teacher) must match already. Then the
+    global generator is seeded per rank."""
+    torch.manual_seed(config.train.seed)
+    step = TrainStep.build(config, device, distributed=distributed)
+    torch.manual_seed(config.train.seed + rank)
+    return step
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -44,9 +54,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(t.num_cpus_per_worker)))
-    torch.manual_seed(t.seed + rank)
-
-    step = TrainStep.build(config, device, distributed=distributed)
+    step = build_step(config, device, rank, distributed)
     resume_at = repeated = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:

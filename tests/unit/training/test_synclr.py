@@ -203,6 +203,20 @@ def test_two_process_gradient_equals_single_process(tmp_path):
                                    msg=name)
 
 
+def test_every_rank_starts_from_the_same_teacher():
+    """DDP broadcasts rank 0's student, not the teacher copied from it: the ranks must build alike."""
+    from stablerep_ray.training.loop import build_step
+
+    config = _config()
+    steps, draws = [], []
+    for rank in range(2):
+        steps.append(build_step(config, torch.device("cpu"), rank, distributed=False))
+        draws.append(torch.rand(4))
+    for a, b in zip(*(s.objective.teacher.state_dict().values() for s in steps), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(*draws), "the global generator is seeded per rank afterwards"
+
+
 # -- resume ------------------------------------------------------------------------------------------
 def test_resume_continues_teacher_and_schedules_exactly(tmp_path):
     from stablerep_ray.models.io import MODEL_FILE, save_model
