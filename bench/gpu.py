@@ -409,7 +409,7 @@ def print_table(summary: dict, families: dict, args, generation_tflop) -> None:
         line("ViT-B/16 train step (augment+fwd+bwd+AdamW), MFU", t, peak_key="mfu", tflop=False)
     g20 = best(summary.get("sd15", []), steps=20)
     if g20 and t:
-        print(f"  -> measured SD-1.5 generator GPUs per trainer GPU at n = m, R = 9: "
+        print(f"  -> measured SD-1.5 generator GPUs per trainer GPU at 9 uses of an image (the paper config): "
               f"{t['images_per_s'] / (g20['images_per_s'] * 9):.1f} (cost model at equal utilisation: ~37)")
     if split := summary["split"]:
         print("one GPU shared, generator actor 0.5 + trainer worker 0.5, paper config at batch 24, R = 1, through Ray: "

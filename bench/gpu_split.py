@@ -3,19 +3,19 @@
 The generator and trainer measured alone (bench.gpu's other rows) say what each side could do; this
 says what a one-GPU machine gets when the real program runs: a local Ray, the paper config
 (configs/paper-vitb16-sd15.yaml: SD 1.5 at 512 px, 20 DPM-Solver++ steps, CFG, n = 10, m = 6,
-R = 9, ViT-B/16, bf16) with ``generator.num_gpus_per_actor: 0.5`` and ``train.gpus_per_worker: 0.5``,
+R = 15, ViT-B/16, bf16) with ``generator.num_gpus_per_actor: 0.5`` and ``train.gpus_per_worker: 0.5``,
 through ``training.fit`` (Ray Data actor pool -> Ray Train worker). What changes, and why:
 
 - the pipeline is SD 1.5 at real size with random weights, text encoder included (CLIP ViT-L/14's
   text tower; a byte-level tokenizer built from code), saved with ``save_pretrained`` and loaded by
   the actor's own ``from_pretrained``: nothing is downloaded;
 - the batch is 24 (4 captions x m = 6, one generator call of 4 captions x 10 images) and each group
-  is served once (``stream.reuse: 1``), not 8256 and R = 9: at R = 9 the replay buffer (at least
+  is served once (``stream.reuse: 1``), not 8256 and R = 15: at R = 15 the replay buffer (at least
   R x K groups) fills, then serves each group at 1 step in R, about R x R steps before the first
   evictions: minutes before the stream's steady state. At R = 1 every step waits on fresh images, so
   the window (all but the first WARMUP_STEPS) measures what the shared GPU delivers to the trainer.
   The trainer's share of the GPU is small at either R: per generated image it trains m / n x R
-  images (5.4 at R = 9, ~0.6 TFLOP against ~35 to generate the image);
+  images (9 at R = 15, ~0.9 TFLOP against ~35 to generate the image);
 - captions come from data/simulator_captions.txt, without evaluation or remote storage.
 
 Reported from the run's TensorBoard scalars (bench.end_to_end's steady state): trained images/s

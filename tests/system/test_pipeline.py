@@ -189,7 +189,7 @@ def test_resume_continues_at_the_saved_step_with_the_optimizer_state(tmp_path):
 
 def test_paper_stream_shape_rehearsal(tmp_path):
     """The paper config with only its sizes scaled down: K = 43 captions per worker step, n = 10,
-    m = 6, R = 9 and the auto replay buffer; the simulator, a one-block ViT on 16 px images. It fills
+    m = 6, R = 15 and the auto replay buffer; the simulator, a one-block ViT on 16 px images. It fills
     its buffer, then serves groups at steps spread across the buffer, never more than R times."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -209,7 +209,7 @@ def test_paper_stream_shape_rehearsal(tmp_path):
         "eval.data=", "cluster.storage_path=", "cluster.num_cpus=8",
     ])
     k, reuse, buffer = config.captions_per_worker_step, config.stream.reuse, config.buffer_groups
-    assert (k, reuse, config.stream.images_per_group, config.generator.images_per_caption) == (43, 9, 6, 10)
+    assert (k, reuse, config.stream.images_per_group, config.generator.images_per_caption) == (43, 15, 6, 10)
     assert config.peak_lr == pytest.approx(2e-4 * 516 / 256 / 2)
     fit(config, captions_per_pass=5000)
 
@@ -232,7 +232,8 @@ def test_paper_stream_shape_rehearsal(tmp_path):
     events.Reload()
     last = {tag: events.Scalars(tag)[-1].value for tag in ("stream/buffer_fill", "stream/steps_between_serves")}
     assert last["stream/buffer_fill"] > 0.9
-    assert last["stream/steps_between_serves"] >= buffer / k / 2
+    # A gap is geometric with mean buffer / K (30 steps), cut short by the run's 45; a queue gives 1.
+    assert last["stream/steps_between_serves"] >= buffer / k / 3
     # ~K/R fresh groups a step needs the first groups to reach R serves (~R x buffer / K steps):
     # tests/unit/stream/test_replay.py runs the same stream that long.
 

@@ -68,7 +68,8 @@ def test_reuse_serves_at_most_r_times_and_amplifies(reuse):
 
 
 def test_paper_shape_serves_mix_across_many_steps():
-    """The paper's stream per worker: K = 43 captions a step, n = 10, m = 6, R = 9, the auto buffer."""
+    """A paper-sized stream per worker: K = 43 captions a step, n = 10, m = 6, R = 9 (the paper config's
+    15 needs longer than 600 steps to reach its steady state), the auto buffer."""
     k, reuse, n, size = 43, 9, 10, 8
     capacity = 2 * reuse * k  # what stream.buffer_mb = 0 (auto) gives
     stream = GroupStream(generator_batches(100_000, n=n, size=size, per_call=64), captions_per_step=k,

@@ -75,7 +75,7 @@ def test_estimated_rates_give_the_cost_model_ratio(no_tables):
 
 
 def test_plan_splits_38_gpus_1_to_37(no_tables):
-    config = paper("generator.images_per_caption=6")
+    config = paper("generator.images_per_caption=6", "stream.reuse=9")  # n = m, R = 9: k = 37
     text = plan(config, gpus=38, gpu_type="H100")
     assert "1 trainer worker + 37 generator actors" in text
     assert "set: generator.num_actors=37 train.num_workers=1" in text
@@ -126,21 +126,21 @@ def test_too_few_gpus(no_tables):
     assert "1 GPUs are too few" in plan(config, gpus=1, gpu_type="H100")
     text = plan(config, gpus=16, gpu_type="H100")
     assert "too few to keep the trainer's data-wait under 5%" in text
-    # k = 61.2 at n=10, m=6, R=9: 1 trainer + ceil(0.95 * 61.2) = 59 generators
-    assert "Needs >= 60 GPUs" in text
+    # k = 36.7 at n=10, m=6, R=15: 1 trainer + ceil(0.95 * 36.7) = 35 generators
+    assert "Needs >= 36 GPUs" in text
     assert "stream.reuse >= 35" in text
     assert "bottleneck: generation" in text
 
 
 def test_plan_flags_the_shipped_paper_split(no_tables):
     text = plan(paper(), gpus=128, gpu_type="H100")
-    assert "2 trainer workers + 126 generator actors" in text
+    assert "3 trainer workers + 125 generator actors" in text
     assert "current config (96 actors, 32 workers): generation starves the trainer" in text
 
 
 def test_check_balance_warnings():
     config = paper("generator.num_actors=37", "train.num_workers=1", "generator.images_per_caption=6",
-                   "train.batch_size=6")
+                   "train.batch_size=6", "stream.reuse=9")
     # 37 actors x 1 img/s vs one worker needing 37*... : k = 37 exactly when train_rate = 37 * 6 * 9 / 6
     balanced = 37 * 9.0
     assert check_balance(config, gen_rate=1.0, train_rate=balanced) is None
