@@ -32,8 +32,26 @@ def load_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
-def preflight(config: Config) -> int:
-    """Every check that needs no cluster, before Ray starts or any actor is reserved.
+def check_caption_supply_of_one_pass(config: Config, captions: int, steps: int | None = None) -> None:
+    """With ``captions.repeat`` off, refuse a run that must run out of captions: its ``steps`` (default
+    ``train.steps``) serve K caption groups a worker step, each group at most ``stream.reuse`` times.
+    Inside the run the stream would end on a worker, and Ray Train would retry it ``max_failures`` times."""
+    if config.captions.repeat:
+        return
+    steps = steps or config.train.steps
+    served = steps * config.captions_per_worker_step * config.train.num_workers
+    need = -(-served // config.stream.reuse)
+    if captions < need:
+        raise ConfigError(
+            f"captions.repeat: false, but {config.captions.source} holds {captions} captions and {steps} steps "
+            f"serve {served} caption groups, at most {config.stream.reuse} times each (stream.reuse): at least "
+            f"{need} needed; set captions.repeat=true, lower train.steps or raise stream.reuse"
+        )
+
+
+def preflight(config: Config, steps: int | None = None) -> int:
+    """Every check that needs no cluster, before Ray starts or any actor is reserved. ``steps``: the
+    steps this run trains (``--max-steps``), default ``train.steps``.
 
     Returns the number of captions seen in one pass (a lower bound for large sources)."""
     from .captions import inspect_captions
@@ -55,6 +73,8 @@ def preflight(config: Config) -> int:
         print(f"captions: {stats.captions}{more} from {config.captions.source}"
               + (f", {stats.blanks} blank rows skipped" if stats.blanks else ""))
         captions_per_pass = stats.captions
+        if stats.complete:
+            check_caption_supply_of_one_pass(config, stats.captions, steps)
     generator_class(config.generator).preflight(config.generator)
     if config.eval.data:
         from .evaluation import check_eval_data
@@ -102,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(line)
     if resume.finished:
         return 0
-    captions_per_pass = preflight(config)
+    captions_per_pass = preflight(config, args.max_steps)
     from .console import TrainConsole
     from .runtime import init_ray
     from .training.optim import describe_lr

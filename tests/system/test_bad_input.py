@@ -221,6 +221,10 @@ CASES = [
     ("eval-test-classes-not-in-train",
      lambda t: {"eval.data": eval_pair(t, ["cat", "dog"], ["cat", "bird"])},
      ["eval data", "test classes ['bird'] do not occur in the train set", "share class names"]),
+    # -- a finite source too small for the run
+    ("captions-too-few-without-repeat",  # 200 steps x 16 captions x 2 workers, each served once
+     lambda t: {"captions.source": write(t / "few.txt", "a red cube\n" * 100), "captions.repeat": "false"},
+     ["captions.repeat: false", "holds 100 captions", "at least 6400 needed", "set captions.repeat=true"]),
     # -- numbers that are not finite
     ("base-lr-nan", lambda t: {"train.base_lr": ".nan"}, ["train.base_lr", "finite number"]),
     ("temperature-inf", lambda t: {"train.temperature": ".inf"}, ["train.temperature", "finite number"]),
