@@ -131,7 +131,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             interval_start, interval_wait, interval_steps = time.perf_counter(), 0.0, 0
 
         # Reading the loss syncs the GPU, so the report is built only on steps that evaluate or checkpoint.
-        report = {}
+        report, paused = {}, time.perf_counter()
         if evaluator and ((config.eval.every and done % config.eval.every == 0) or last):
             latest_eval = online_eval(evaluator, step, device)
             report.update(latest_eval)
@@ -152,6 +152,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if writer and mirror:
                 writer.flush()
                 mirror_tensorboard(loop_config["tensorboard_dir"], mirror)
+        interval_start += time.perf_counter() - paused  # evaluation and checkpoints are not training throughput
     if writer:
         writer.close()  # the last step checkpointed, and mirrored, above
     if consumed_log:
