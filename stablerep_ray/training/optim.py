@@ -52,6 +52,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, config))
 
 
+def follow_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                  config: Config) -> None:
+    """After loading a checkpoint's optimiser and schedule, take the peak lr and betas from ``config``:
+    the state dicts carry the old run's (a resume with ``--allow-config-change`` may change them, and a
+    changed ``train.steps`` moves the schedule). The moments and the step count stay the checkpoint's."""
+    step = scheduler.last_epoch
+    scheduler.base_lrs = [config.peak_lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.peak_lr
+        group["lr"] = config.peak_lr * lr_multiplier(step, config)
+        group["betas"] = tuple(config.train.betas)
+
+
 def describe_lr(config: Config) -> str:
     """The peak lr and where it comes from, e.g. 'peak lr 3.225e-3 (train.lr_scaling=authors of ...)'."""
     t = config.train

@@ -18,7 +18,7 @@ from ..precision import autocast_dtype
 from ..stream import Batch
 from .objectives import Objective, get_objective
 from .objectives.base import Augment, Forward
-from .optim import build_optimizer, build_scheduler, set_weight_decay
+from .optim import build_optimizer, build_scheduler, follow_config, set_weight_decay
 
 
 @dataclass
@@ -98,6 +98,7 @@ class TrainStep:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        follow_config(self.optimizer, self.scheduler, self.config)
         self.objective.load_state_dict(state.get("objective", {}))
         self.step = state["step"]
 

@@ -105,3 +105,26 @@ def test_every_key_that_may_change_exists():
     assert set(MAY_CHANGE) <= known, set(MAY_CHANGE) - known
     assert may_change("cluster.storage_path") and may_change("generator.label_selector.ray.io/node-group")
     assert not may_change("train.num_workers") and not may_change("train.steps_extra")
+
+
+def test_a_resume_takes_lr_and_betas_from_the_new_config():
+    """The optimiser's and schedule's state dicts carry the old peak lr and betas; --allow-config-change
+    resumes with the new ones, from the checkpoint's step."""
+    import torch
+
+    from stablerep_ray.training.optim import lr_multiplier
+    from stablerep_ray.training.step import TrainStep, synthetic_batch
+
+    tiny = ["model.kwargs={patch_size: 8, depth: 1}", "train.warmup_steps=2", "train.steps=10"]
+    old = load_config(QUICKSTART, tiny)
+    new = load_config(QUICKSTART, [*tiny, "train.base_lr=0.012", "train.betas=[0.8, 0.9]", "train.steps=20"])
+    first = TrainStep.build(old, torch.device("cpu"))
+    for seed in range(3):
+        first(synthetic_batch(old, old.captions_per_worker_step, seed))
+    resumed = TrainStep.build(new, torch.device("cpu"))
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.scheduler.base_lrs == [new.peak_lr] * 2 and new.peak_lr == 2 * old.peak_lr
+    for group in resumed.optimizer.param_groups:
+        assert group["lr"] == new.peak_lr * lr_multiplier(3, new) and group["betas"] == (0.8, 0.9)
+    resumed(synthetic_batch(new, new.captions_per_worker_step, 3))
+    assert resumed.scheduler.get_last_lr()[0] == pytest.approx(new.peak_lr * lr_multiplier(4, new))
