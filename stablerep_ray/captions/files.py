@@ -11,6 +11,8 @@ Row columns:
   the same text anywhere in the source has the same id, so its images are positives of each other.
 * ``position``: where the row sits in the source, ``file_index << 40 | byte offset (or row index)``;
   it seeds the row's images, so a rerun renders the same images and a repeated text adds new ones.
+* ``source_pass``: the pass over the source the row is from; from the second pass on it is mixed into
+  the images' seed too (``generation.backends.image_keys``), so each pass renders new images.
 * ``chunk``/``row``/``chunk_rows``: where the row sits in the stream. Checkpoints record the first
   chunk not fully consumed; a resumed run restarts there, so no caption range is ever skipped.
   A chunk with no caption yields one marker row (``caption_id == -1``) that is never rendered.
@@ -344,10 +346,10 @@ def read_chunks(batch: dict, cfg: CaptionsConfig, chunks: list[Chunk]) -> Iterat
         ids, texts, blanks = read_chunk(cfg, chunks[int(seq) % len(chunks)])
         if blanks:
             logger.info("captions: chunk %d: skipped %d blank captions", seq, blanks)
-        yield pa.table(caption_rows(int(seq), ids, texts))
+        yield pa.table(caption_rows(int(seq), ids, texts, source_pass=int(seq) // len(chunks)))
 
 
-def caption_rows(seq: int, positions: list[int], texts: list[str]) -> dict[str, np.ndarray]:
+def caption_rows(seq: int, positions: list[int], texts: list[str], source_pass: int = 0) -> dict[str, np.ndarray]:
     """The stream's caption columns for one chunk (``read_chunk``'s output) as numpy arrays.
 
     A chunk without captions gives one marker row (``caption_id == EMPTY_CHUNK_ID``), so consumers
@@ -364,6 +366,7 @@ def caption_rows(seq: int, positions: list[int], texts: list[str]) -> dict[str, 
         "chunk_rows": np.full(n, n, dtype=np.int32),
         "caption_id": np.asarray(ids, dtype=np.int64),
         "position": np.asarray(positions, dtype=np.int64),
+        "source_pass": np.full(n, source_pass, dtype=np.int32),
         "caption": np.asarray(texts, dtype=object),
     }
 

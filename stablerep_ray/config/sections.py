@@ -32,7 +32,9 @@ class CaptionsConfig(_Section):
         "a binary file); the text encoder truncates to its own context anyway.",
     )
     repeat: bool = Field(
-        True, description="Cycle through the source again when a run needs more captions than it holds."
+        True,
+        description="Cycle through the source again when a run needs more captions than it holds (each pass "
+        "renders new images of its captions).",
     )
     rows_per_block: int = Field(256, gt=0, description="Captions per Ray Data block read from the source.")
     synth: SynthConfig = Field(

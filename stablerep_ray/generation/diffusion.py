@@ -3,9 +3,10 @@
 UNet (SD 1.x/2.x, SDXL) and transformer (PixArt, SD3, Sana, Flux) denoisers with one or several
 text encoders take the same path. Each actor loads its pipeline once, gives it the settings its
 model needs where the config left the schema defaults (``pipelines.model_settings``, logged), and
-renders ``captions_per_call x n`` images per call. Image j of the row at source position p is drawn
-from its own torch.Generator seeded with ``image_seed(base, p, j)``, so the same configuration
-regenerates the same images whatever actor, block or batch a row lands in.
+renders ``captions_per_call x n`` images per call. Image j of a row with image key k (its source
+position, mixed with its pass over the source after the first: ``image_keys``) is drawn from its own
+torch.Generator seeded with ``image_seed(base, k, j)``, so the same configuration regenerates the same
+images whatever actor, block or batch a row lands in.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from ..config import ConfigError, GeneratorConfig
 from ..precision import resolve_dtype
-from .backends import image_seed
+from .backends import image_keys, image_seed
 from .pipelines import (
     check_pipeline_path,
     check_scheduler,
@@ -181,8 +182,8 @@ class DiffusersGenerator:
         n = cfg.images_per_caption
         captions = [str(c) for c in batch["caption"]]
         generators = [
-            torch.Generator(self.device).manual_seed(image_seed(cfg.seed, int(position), j))
-            for position in batch["position"]
+            torch.Generator(self.device).manual_seed(image_seed(cfg.seed, int(key), j))
+            for key in image_keys(batch)
             for j in range(n)
         ]
         with torch.inference_mode():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...config import GeneratorConfig
+from ...generation.backends import image_keys
 from .render import _NUISANCE_DIM, _NUM_OCC_SLOTS, _OCC_FIELDS, _render
 from .world import (
     _ATTR_NAMES,
@@ -108,12 +109,12 @@ def generate_caption_images(
 class SimulatorGenerator:
     """Ray Data ``map_batches`` callable (``batch_format="numpy"``) with the diffusers backend's contract.
 
-    Input columns: ``caption_id`` (int64), ``caption`` (str) and optionally ``position`` (int64, the
-    images' seed key; default the caption id); every other column is passed through
+    Input columns: ``caption_id`` (int64), ``caption`` (str) and optionally ``position`` (int64) and
+    ``source_pass`` (their ``image_keys`` seed the images; default the caption id); every other column is passed through
     unchanged. Added columns: ``images`` uint8 ``(B, n, H, W, 3)`` with ``n = images_per_caption`` and
     ``H = W = output_size``, and ``num_images`` int32 ``(B,)`` (always ``n``: the simulator has no
     safety checker that drops images). Image ``j`` of a row depends only on ``(config.seed,
-    position, j)``, the caption (text and id) and ``guidance_scale``.
+    image key, j)``, the caption (text and id) and ``guidance_scale``.
     """
 
     @staticmethod
@@ -145,7 +146,8 @@ class SimulatorGenerator:
             if col not in batch:
                 raise KeyError(f"SimulatorGenerator: input batch lacks the {col!r} column")
         ids = np.asarray(batch["caption_id"]).astype(np.int64, copy=False)
-        keys = np.asarray(batch.get("position", ids)).astype(np.int64, copy=False)
+        keys = image_keys(batch)
+        keys = ids if keys is None else keys
         captions = batch["caption"]
         B = len(ids)
         n, S = self.num_images, self.size

@@ -48,6 +48,28 @@ def test_identical_captions_at_two_places_are_positives_with_different_images(tm
     assert labels[keys[0]] != labels[keys[1]], "the loss sees the two places as one caption's positives"
 
 
+def test_every_pass_over_a_repeated_source_renders_new_images_and_a_rerun_the_same(tmp_path):
+    """Stream chunk seq of a one-chunk file is pass seq: its rows keep their positions, their images change
+    from pass to pass (not copies at full generation cost), and pass 0 keeps the seeds it always had."""
+    from stablerep_ray.captions.files import read_chunks
+    from stablerep_ray.generation.backends import image_keys
+
+    source = tmp_path / "captions.txt"
+    source.write_text("a red circle\na blue square\n")
+    cfg = CaptionsConfig(source=str(source))
+    chunks = plan_chunks(cfg)
+    passes = [next(read_chunks({"chunk": [seq]}, cfg, chunks)).to_pydict() for seq in (0, 1, 2)]
+    assert [p["source_pass"] for p in passes] == [[0, 0], [1, 1], [2, 2]]
+    assert passes[0]["position"] == passes[1]["position"] and passes[0]["caption_id"] == passes[2]["caption_id"]
+    generator = SimulatorGenerator(GeneratorConfig(backend="simulator", images_per_caption=2, output_size=16))
+    images = [generator({k: np.asarray(v) for k, v in p.items()})["images"] for p in passes]
+    assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])
+    again = next(read_chunks({"chunk": [1]}, cfg, chunks)).to_pydict()
+    np.testing.assert_array_equal(generator({k: np.asarray(v) for k, v in again.items()})["images"], images[1])
+    first = {k: np.asarray(v) for k, v in passes[0].items()}
+    np.testing.assert_array_equal(image_keys(first), first["position"])
+
+
 def test_the_stream_plans_the_passes_a_run_needs_from_the_counted_captions(tmp_path):
     """1,032 captions from a one-chunk file of 5,000: the current pass and one more. Unknown (0), every
     chunk counts as one caption: 1,033 planned passes, which Ray Data reads ahead into (a 4-step
