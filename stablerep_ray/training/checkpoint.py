@@ -24,9 +24,10 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 RESUME_CHUNK = "stream/resume_chunk"
 
 
-def restore(step: TrainStep, checkpoint, rank: int) -> tuple[int, int]:
-    """Load model, optimiser, schedule, objective and RNG state; returns the stream's resume chunk and
-    the rows before it that were already served (a resume serves them again)."""
+def restore(step: TrainStep, checkpoint) -> tuple[int, int]:
+    """Load model, optimiser, schedule and objective state; returns the stream's resume chunk and the
+    rows before it that were already served (a resume serves them again). Random draws need no saved
+    state: the loop seeds the augmentation and the replay stream from (seed, rank, resume step)."""
     with checkpoint.as_directory() as ckpt_dir:
         model_file = torch.load(Path(ckpt_dir) / MODEL_FILE, map_location=step.device)
         state = torch.load(Path(ckpt_dir) / TRAINER_STATE_FILE, map_location=step.device, weights_only=False)
@@ -34,7 +35,6 @@ def restore(step: TrainStep, checkpoint, rank: int) -> tuple[int, int]:
     for name, module in step.objective.extra_weights().items():
         module.load_state_dict(model_file["weights"][name])
     step.load_state_dict(state)
-    torch.set_rng_state(state["rng"][rank % len(state["rng"])])
     return state["resume_chunk"], state.get("rows_to_repeat", 0)
 
 
@@ -61,8 +61,7 @@ def report_checkpoint(step: TrainStep, resume_at: int, metrics: dict, rank: int,
             objective = step.objective
             save_model(step.model, step.config, tmp, weights=objective.extra_weights(),
                        eval_weights=objective.eval_weights, **objective.model_kwargs())
-            state = {**step.state_dict(), "resume_chunk": resume_at, "rows_to_repeat": rows_to_repeat,
-                     "rng": [torch.get_rng_state()]}
+            state = {**step.state_dict(), "resume_chunk": resume_at, "rows_to_repeat": rows_to_repeat}
             torch.save(state, Path(tmp) / TRAINER_STATE_FILE)
             (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)

@@ -58,7 +58,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     resume_at = repeated = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        resume_at, repeated = restore(step, checkpoint, rank)
+        resume_at, repeated = restore(step, checkpoint)
     start_step = step.step
     step.generator.manual_seed(t.seed * 1000 + rank + 7919 * start_step)
     if distributed:
