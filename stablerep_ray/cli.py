@@ -54,7 +54,7 @@ def preflight(config: Config, steps: int | None = None) -> int:
     steps this run trains (``--max-steps``), default ``train.steps``.
 
     Returns the number of captions seen in one pass (a lower bound for large sources)."""
-    from .captions import inspect_captions
+    from .captions import inspect_captions, whole_file_warnings
     from .generation import generator_class
     from .runtime import check_local_fit
     from .storage import check_writable
@@ -73,6 +73,8 @@ def preflight(config: Config, steps: int | None = None) -> int:
         print(f"captions: {stats.captions}{more} from {config.captions.source}"
               + (f", {stats.blanks} blank rows skipped" if stats.blanks else ""))
         captions_per_pass = stats.captions
+        for warning in whole_file_warnings(config.captions):
+            print(f"warning: {warning}", file=sys.stderr)
         if stats.complete:
             check_caption_supply_of_one_pass(config, stats.captions, steps)
     generator_class(config.generator).preflight(config.generator)

@@ -11,9 +11,10 @@ from .files import (
     plan_chunks,
     read_captions,
     read_chunk,
+    whole_file_warnings,
 )
 
 __all__ = [
     "EMPTY_CHUNK_ID", "caption_id", "caption_rows", "count_captions_per_pass", "inspect_captions",
-    "normalise_caption", "plan_chunks", "read_captions", "read_chunk",
+    "normalise_caption", "plan_chunks", "read_captions", "read_chunk", "whole_file_warnings",
 ]

@@ -141,6 +141,25 @@ def plan_chunks(cfg: CaptionsConfig, chunk_bytes: int = CHUNK_BYTES) -> list[Chu
     return chunks
 
 
+WHOLE_FILE_WARN_BYTES = 256 << 20
+
+
+def whole_file_warnings(cfg: CaptionsConfig, limit: int = WHOLE_FILE_WARN_BYTES) -> list[str]:
+    """One line for each csv/tsv file above ``limit`` bytes. Those are one chunk each (a quoted caption
+    may span lines, so they are not cut into byte ranges): one task reads the whole file, and a restart
+    serves it again from its first row."""
+    fs, files = list_caption_files(cfg)
+    warnings = []
+    for file in files:
+        if file.format in ("csv", "tsv") and (size := fs.get_file_info(file.path).size) > limit:
+            warnings.append(
+                f"captions.source: {file.path} ({size / 2**20:,.0f} MiB) is read whole by one task, and a "
+                f"restart serves it again from its first row; split it into smaller files, or convert it to "
+                f"jsonl or parquet (read in byte ranges and row groups)"
+            )
+    return warnings
+
+
 UTF8_BOM = b"\xef\xbb\xbf"
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # also the start of the UTF-32 marks
 REENCODE = "re-encode the caption file as UTF-8"

@@ -11,6 +11,7 @@ from stablerep_ray.captions.files import (
     plan_chunks,
     read_chunk,
     stream_chunks,
+    whole_file_warnings,
 )
 from stablerep_ray.config import SYNTH_SOURCE, CaptionsConfig, GeneratorConfig
 from stablerep_ray.stream.replay import GroupStream
@@ -82,3 +83,11 @@ def test_the_stream_plans_the_passes_a_run_needs_from_the_counted_captions(tmp_p
     assert stream_chunks(1, 0, 1032, count_captions_per_pass(cfg)) == range(0, 2)
     assert stream_chunks(1, 0, 1032, 0) == range(0, 1033)
     assert stream_chunks(4, 6, 0, 5000) == range(6, 8), "no repeat: to the end of the current pass"
+
+
+def test_a_large_csv_is_named_because_it_is_read_whole(tmp_path):
+    (tmp_path / "big.csv").write_text("caption\n" + "a red circle\n" * 100)
+    (tmp_path / "big.jsonl").write_text('{"caption": "a red circle"}\n' * 100)  # cut into byte ranges
+    (tmp_path / "small.tsv").write_text("caption\na red circle\n")
+    warnings = whole_file_warnings(CaptionsConfig(source=str(tmp_path)), limit=1000)
+    assert len(warnings) == 1 and "big.csv" in warnings[0] and "convert it to jsonl or parquet" in warnings[0]
