@@ -19,7 +19,14 @@ from ..console import quiet_train_worker, send_progress
 from ..stream import GroupStream
 from .checkpoint import RESUME_CHUNK, report_checkpoint, restore, resume_point
 from .step import TrainStep
-from .telemetry import interval_scalars, mirror_tensorboard, sample_grid, tensorboard_mirror, write_hparams
+from .telemetry import (
+    DataWait,
+    interval_scalars,
+    mirror_tensorboard,
+    sample_grid,
+    tensorboard_mirror,
+    write_hparams,
+)
 
 
 def online_eval(evaluator, step: TrainStep, device) -> dict[str, float]:
@@ -102,19 +109,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log_file = log_dir / f"rank{rank}-from{start_step:08d}-{os.getpid()}.jsonl"
         consumed_log = open(log_file, "a")  # noqa: SIM115 - written every step, closed after the loop
     train_start = interval_start = time.perf_counter()
-    interval_wait, interval_steps = 0.0, 0
+    interval_steps, data_wait = 0, DataWait(device)
     end_step = min(t.steps, loop_config.get("max_steps") or t.steps)
     for index in range(start_step, end_step):
         done = index + 1  # the step number TensorBoard and the console show: steps done
         wait_before = stream.wait_seconds
         batch = stream.next_batch()
+        data_wait.batch_ready(stream.wait_seconds - wait_before)
         if consumed_log:
             record = {"step": index, "keys": batch.keys.tolist(), "ids": batch.group_ids.tolist()}
             consumed_log.write(json.dumps(record) + "\n")
             consumed_log.flush()
         result = step(batch)
+        data_wait.step_done()
         interval_steps += 1
-        interval_wait += stream.wait_seconds - wait_before
 
         if rank == 0 and (index == start_step or (t.image_grid_every and done % t.image_grid_every == 0)):
             writer.add_image("samples/caption_groups", sample_grid(batch.images, config.images_drawn_per_group), done)
@@ -124,11 +132,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         logged = done % t.log_every == 0 or last
         if logged:  # every rank: the loss terms are averaged over ranks
             elapsed = time.perf_counter() - interval_start
-            scalars = interval_scalars(step, result, stream, interval_wait, elapsed, interval_steps, world, distributed)
+            scalars = interval_scalars(step, result, stream, data_wait.take(), elapsed, interval_steps, world,
+                                       distributed)
             if rank == 0:
                 for name, value in scalars.items():
                     writer.add_scalar(name, value, done)
-            interval_start, interval_wait, interval_steps = time.perf_counter(), 0.0, 0
+            interval_start, interval_steps = time.perf_counter(), 0
 
         # Reading the loss syncs the GPU, so the report is built only on steps that evaluate or checkpoint.
         report, paused = {}, time.perf_counter()

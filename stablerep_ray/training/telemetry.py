@@ -22,6 +22,45 @@ HPARAM_KEYS = (
 )
 
 
+class DataWait:
+    """Seconds the trainer waited for data in a log interval.
+
+    On a CPU that is the time blocked on the stream. On a GPU the step runs asynchronously: the host
+    can block on the stream while the device still works through the last step, which is no wait.
+    There it is the device's idle gap, from the end of the last step's work (a CUDA event) to the
+    moment the batch was ready (a second event, recorded then), at most the host's blocked time.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.step_end = None
+        self.pending: list[tuple[float, torch.cuda.Event, torch.cuda.Event]] = []
+        self.seconds = 0.0
+
+    def batch_ready(self, host_seconds: float) -> None:
+        """After a batch came from the stream, ``host_seconds`` after the host asked for it."""
+        if self.step_end is None:
+            self.seconds += host_seconds
+            return
+        ready = torch.cuda.Event(enable_timing=True)
+        ready.record()
+        self.pending.append((host_seconds, self.step_end, ready))
+
+    def step_done(self) -> None:
+        """After a step's work was queued."""
+        if self.cuda:
+            self.step_end = torch.cuda.Event(enable_timing=True)
+            self.step_end.record()
+
+    def take(self) -> float:
+        """The wait since the last call (reads the events: call where the device is synced anyway)."""
+        for host_seconds, step_end, ready in self.pending:
+            ready.synchronize()
+            self.seconds += min(host_seconds, step_end.elapsed_time(ready) / 1000)
+        seconds, self.seconds, self.pending = self.seconds, 0.0, []
+        return seconds
+
+
 def rank_mean(values: dict[str, torch.Tensor | float], device: torch.device, distributed: bool) -> dict[str, float]:
     """Each value averaged over all ranks, in one all_reduce: every rank must call it at the same steps."""
     stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).detach().reshape(())

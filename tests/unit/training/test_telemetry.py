@@ -9,7 +9,7 @@ import torch
 from repo import QUICKSTART
 
 from stablerep_ray.config import load_config
-from stablerep_ray.training.telemetry import HPARAM_KEYS, embedding_spread, rank_mean, write_hparams
+from stablerep_ray.training.telemetry import HPARAM_KEYS, DataWait, embedding_spread, rank_mean, write_hparams
 
 
 def _rank(rank: int, port: int, out) -> None:
@@ -80,3 +80,29 @@ def test_embedding_spread_is_one_for_cancelling_directions_and_zero_for_one_poin
     # nearly collapsed: every row the same direction plus noise of 2 % of its length
     noise = 0.02 * one_point.norm(dim=1, keepdim=True) * torch.randn(128, 64) / 64**0.5
     assert 0.005 < float(embedding_spread(one_point + noise)) < 0.05
+
+
+def test_data_wait_on_a_cpu_is_the_time_blocked_on_the_stream():
+    wait = DataWait(torch.device("cpu"))
+    for host in (0.25, 0.5):
+        wait.batch_ready(host)
+        wait.step_done()
+    assert wait.take() == 0.75 and wait.take() == 0.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_data_wait_on_a_gpu_leaves_out_the_time_the_device_was_still_busy():
+    import time
+
+    wait, x = DataWait(torch.device("cuda")), torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    wait.step_done()  # the device idles from here ...
+    time.sleep(0.2)
+    wait.batch_ready(0.2)  # ... until the batch comes: a real wait
+    assert wait.take() == pytest.approx(0.2, abs=0.05)
+    for _ in range(200):  # a long step still running on the device ...
+        x = torch.tanh(x @ x)
+    wait.step_done()
+    time.sleep(0.01)
+    wait.batch_ready(0.01)  # ... while the host blocked on the stream: no wait
+    assert wait.take() < 0.005
