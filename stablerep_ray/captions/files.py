@@ -165,15 +165,25 @@ UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # also the start of the UTF-32 marks
 REENCODE = "re-encode the caption file as UTF-8"
 
 
-def _split_lines(reader, offset: int, block_bytes: int = 1 << 16) -> Iterator[tuple[int, bytes]]:
+MAX_LINE_BYTES = 16 << 20
+
+
+def _split_lines(reader, offset: int, path: str, block_bytes: int = 1 << 16,
+                 max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes]]:
     """(byte offset, line without its end) from ``offset`` on; '\\n', '\\r\\n' and a lone '\\r' end
-    a line, so Unix, Windows and old Mac files split alike."""
+    a line, so Unix, Windows and old Mac files split alike. A line over ``max_line`` bytes is refused
+    before more of it is read: a file without line ends is not a caption file."""
     pending = b""
     while True:
         block = reader.read(max(block_bytes, len(pending)))  # doubling: a long line stays linear
         lines = (pending + block).splitlines(keepends=True)
         # the last line may go on in the next block (or end in the CR of a CRLF): hold it back
         pending = lines.pop() if block and lines else b""
+        if len(pending) > max_line:
+            raise ConfigError(
+                f"{path}: byte {offset + sum(map(len, lines))}: a line of more than {max_line >> 20} MiB, so "
+                f"this is not one caption or JSON object per line; check captions.source and captions.format"
+            )
         for line in lines:
             yield offset, line.rstrip(b"\r\n")
             offset += len(line)
@@ -213,7 +223,7 @@ def _chunk_lines(fs: pafs.FileSystem, chunk: Chunk) -> Iterator[tuple[int, str]]
     with fs.open_input_file(chunk.path) as raw:
         first = max(chunk.start - 1, 0)
         raw.seek(first)
-        lines = _split_lines(raw, first)
+        lines = _split_lines(raw, first, chunk.path)
         if chunk.start:
             next(lines, None)  # the end of the line the previous chunk owns ('' if it ended there)
         for offset, line in lines:

@@ -225,6 +225,9 @@ CASES = [
     ("captions-too-few-without-repeat",  # 200 steps x 16 captions x 2 workers, each served once
      lambda t: {"captions.source": write(t / "few.txt", "a red cube\n" * 100), "captions.repeat": "false"},
      ["captions.repeat: false", "holds 100 captions", "at least 6400 needed", "set captions.repeat=true"]),
+    ("captions-without-line-ends",  # read no further than the limit, not the whole file
+     lambda t: {"captions.source": write(t / "one-line.jsonl", "x" * (17 << 20))},
+     ["one-line.jsonl: byte 0", "a line of more than 16 MiB", "not one caption or JSON object per line"]),
     # -- numbers that are not finite
     ("base-lr-nan", lambda t: {"train.base_lr": ".nan"}, ["train.base_lr", "finite number"]),
     ("temperature-inf", lambda t: {"train.temperature": ".inf"}, ["train.temperature", "finite number"]),
@@ -347,7 +350,7 @@ def test_mixed_line_endings_split_alike_across_chunk_and_read_boundaries(tmp_pat
         data = "".join(w + rng.choice(["\n", "\r\n", "\r"]) for w in words) + rng.choice(["", "tail"])
         expected = [w for w in words + ["tail"] * data.endswith("tail") if w]
         for block in (1, 2, 3):
-            lines = [line.decode() for _, line in _split_lines(io.BytesIO(data.encode()), 0, block)]
+            lines = [line.decode() for _, line in _split_lines(io.BytesIO(data.encode()), 0, "m.txt", block)]
             assert [line for line in lines if line] == expected, (data, block)
         for chunk_bytes in (1, 2, 5):
             if expected:
