@@ -33,12 +33,13 @@ def load_from_args(args: argparse.Namespace) -> Config:
 
 
 def check_caption_supply_of_one_pass(config: Config, captions: int, steps: int | None = None) -> None:
-    """With ``captions.repeat`` off, refuse a run that must run out of captions: its ``steps`` (default
-    ``train.steps``) serve K caption groups a worker step, each group at most ``stream.reuse`` times.
+    """With ``captions.repeat`` off, refuse a run that must run out of captions: its ``steps`` (``--max-steps``,
+    capped at ``train.steps`` as the loop does) serve K caption groups a worker step, each group at most
+    ``stream.reuse`` times.
     Inside the run the stream would end on a worker, and Ray Train would retry it ``max_failures`` times."""
     if config.captions.repeat:
         return
-    steps = steps or config.train.steps
+    steps = min(steps or config.train.steps, config.train.steps)
     served = steps * config.captions_per_worker_step * config.train.num_workers
     need = -(-served // config.stream.reuse)
     if captions < need:

@@ -381,3 +381,14 @@ def test_preflight_reads_a_windows_export(tmp_path):
                                       f"cluster.storage_path={tmp_path / 'ckpt'}"])
     assert cli.preflight(config) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export.csv"]
+
+
+def test_caption_supply_counts_the_steps_the_loop_runs():
+    """--max-steps beyond train.steps trains train.steps (200 x 32 groups: 6,400); fewer need fewer."""
+    from stablerep_ray.config import ConfigError, load_config
+
+    config = load_config(QUICKSTART, ["captions.repeat=false"])
+    cli.check_caption_supply_of_one_pass(config, 6400, steps=10_000)
+    cli.check_caption_supply_of_one_pass(config, 320, steps=10)
+    with pytest.raises(ConfigError, match="at least 6400 needed"):
+        cli.check_caption_supply_of_one_pass(config, 6399, steps=10_000)
