@@ -121,7 +121,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             consumed_log.write(json.dumps(record) + "\n")
             consumed_log.flush()
         result = step(batch)
-        data_wait.step_done()
         interval_steps += 1
 
         if rank == 0 and (index == start_step or (t.image_grid_every and done % t.image_grid_every == 0)):
@@ -162,6 +161,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 writer.flush()
                 mirror_tensorboard(loop_config["tensorboard_dir"], mirror)
         interval_start += time.perf_counter() - paused  # evaluation and checkpoints are not training throughput
+        data_wait.step_done()  # after the step's work and any evaluation's: the device is busy until then
     if writer:
         writer.close()  # the last step checkpointed, and mirrored, above
     if consumed_log:

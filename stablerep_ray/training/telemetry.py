@@ -47,7 +47,7 @@ class DataWait:
         self.pending.append((host_seconds, self.step_end, ready))
 
     def step_done(self) -> None:
-        """After a step's work was queued."""
+        """After all of an iteration's device work was queued (the step's, and an evaluation's)."""
         if self.cuda:
             self.step_end = torch.cuda.Event(enable_timing=True)
             self.step_end.record()
