@@ -15,8 +15,11 @@ Norm = Literal["batch", "layer"]
 class ProjectionHead(nn.Module):
     """MLP with a norm and activation between linear layers (paper: 768 -> 4096 -> 4096 -> 256).
 
-    ``norm="batch"``: BatchNorm + ReLU (StableRep, as the authors' code); ``"layer"``: LayerNorm + GELU
-    (SynCLR, whose EMA teacher then has no batch statistics to keep in step).
+    ``norm="batch"``: BatchNorm + ReLU, default init, a plain last layer (StableRep, as the authors'
+    code). ``"layer"``: LayerNorm + GELU, truncated-normal init, and the output itself layer-normed
+    without affine parameters after a bias-free last layer (MoCo v3's design as SynCLR's released
+    code builds it: embeddings are centred before the loss L2-normalises them, and the EMA teacher
+    has no batch statistics to keep in step).
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3, norm: Norm = "batch"):
@@ -29,7 +32,13 @@ class ProjectionHead(nn.Module):
             else:
                 layers += [nn.Linear(dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.GELU()]
             dim = hidden_dim
-        layers.append(nn.Linear(dim, out_dim))
+        if norm == "batch":
+            layers.append(nn.Linear(dim, out_dim))
+        else:
+            layers += [nn.Linear(dim, out_dim, bias=False), nn.LayerNorm(out_dim, elementwise_affine=False)]
+            for layer in layers:
+                if isinstance(layer, nn.Linear):
+                    _truncated_normal(layer)
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, chunks: int = 1) -> torch.Tensor:
@@ -53,10 +62,16 @@ class PatchHead(nn.Module):
         )
         for layer in self.mlp:
             if isinstance(layer, nn.Linear):
-                nn.init.trunc_normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)
+                _truncated_normal(layer)
         self.prototypes = nn.Linear(bottleneck_dim, prototypes, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(tokens), dim=-1)
         return x @ F.normalize(self.prototypes.weight, dim=-1).T
+
+
+def _truncated_normal(layer: nn.Linear) -> None:
+    """Head init as DINO and SynCLR's code: weights N(0, 0.02) (``trunc_normal_``), zero bias."""
+    nn.init.trunc_normal_(layer.weight, std=0.02)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)

@@ -91,7 +91,7 @@ class StableRepModel(nn.Module):
             self.predictor = ProjectionHead(cfg.embed_dim, predictor_hidden_dim, cfg.embed_dim, 2, head_norm)
         if patch_head:
             self.patch_head = PatchHead(width, **patch_head)
-            self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+            self.mask_token = nn.Parameter(torch.empty(1, 1, width).normal_(std=0.02))  # as SynCLR's code
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen-evaluation feature: the encoder's CLS token."""
