@@ -13,6 +13,7 @@ vectorised over the batch (no Python loop over images) and every image gets its 
 * Random grayscale (ITU-R 601 luma, as torchvision).
 * Gaussian blur with probability ``blur_p`` and a per-image sigma: a separable depthwise convolution whose
   groups are the ``B*3`` image channels, kernel size about 10% of ``S`` (odd), reflect padding.
+* Solarization with probability ``solarize_p``: values >= 0.5 inverted (torchvision's RandomSolarize).
 
 Random parameters are drawn once per batch from a ``torch.Generator`` (:meth:`BatchAugment.sample`), so
 the same seed gives the same output whatever the chunking, and :meth:`BatchAugment.apply` is a pure
@@ -38,6 +39,7 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 EVAL_CROP_PCT = 0.875
 _LUMA = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale weights
+_JITTER_IDENTITY = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation factors; hue shift
 
 __all__ = [
     "EVAL_CROP_PCT",
@@ -166,20 +168,22 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> to
     return y.view(B, C, H, W)
 
 
-def _jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, strengths) -> torch.Tensor:
+def _jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """Brightness, contrast, saturation and hue (torchvision's ColorJitter ops), applied to each
-    image in its own ``order``; ops with zero strength are skipped."""
+    image in its own ``order``; an op whose factors are all the identity is skipped."""
     ops = [
         lambda y, f: (y * f.view(-1, 1, 1, 1)).clamp(0.0, 1.0),
         lambda y, f: torch.lerp(_gray(y).mean((1, 2, 3), keepdim=True), y, f.view(-1, 1, 1, 1)).clamp(0.0, 1.0),
         lambda y, f: torch.lerp(_gray(y), y, f.view(-1, 1, 1, 1)).clamp(0.0, 1.0),
         lambda y, f: _adjust_hue(y, f),
     ]
+    identity = torch.tensor(_JITTER_IDENTITY, device=factors.device, dtype=factors.dtype)
+    active = (factors != identity).any(dim=0).tolist()
     y = x.clone()
     for position in range(4):
         for op, apply in enumerate(ops):
             sel = order[:, position] == op
-            if strengths[op] and sel.any():
+            if active[op] and sel.any():
                 y[sel] = apply(y[sel], factors[sel, op])
     return y
 
@@ -190,7 +194,7 @@ class AugmentParams:
     """Per-image random draws for one batch (all tensors have leading dimension B).
 
     ``box`` holds ``(top, left, height, width)`` crop boxes in input pixels (sub-pixel, inside the image);
-    ``flip``, ``jitter``, ``gray``, ``blur`` are boolean masks; ``factors`` is ``(B, 4)`` brightness,
+    ``flip``, ``jitter``, ``gray``, ``blur``, ``solarize`` are boolean masks; ``factors`` is ``(B, 4)`` brightness,
     contrast, saturation multipliers and hue shift; ``order`` ``(B, 4)`` the order the four jitter ops
     run in; ``sigma`` the blur sigma; ``down`` the size an image is first resized to and back (0: not).
     """
@@ -204,6 +208,14 @@ class AugmentParams:
     sigma: torch.Tensor
     order: torch.Tensor
     down: torch.Tensor
+    solarize: torch.Tensor
+
+    @staticmethod
+    def select(choice: torch.Tensor, options: list[AugmentParams]) -> AugmentParams:
+        """Image b's draws from ``options[choice[b]]`` (draws of several recipes for one batch)."""
+        rows = torch.arange(len(choice), device=choice.device)
+        return AugmentParams(**{f.name: torch.stack([getattr(o, f.name) for o in options])[choice, rows]
+                                for f in fields(AugmentParams)})
 
     def to(self, device: torch.device | str) -> AugmentParams:
         return AugmentParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -313,7 +325,7 @@ class BatchAugment:
         factors = f * strength
         factors[:, :3] += 1.0
         factors[:, :3].clamp_(min=0.0)
-        identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=dev)
+        identity = torch.tensor(_JITTER_IDENTITY, device=dev)
         factors = torch.where(jitter.unsqueeze(1), factors, identity)
 
         gray = rand(B) < cfg.grayscale_p
@@ -331,7 +343,8 @@ class BatchAugment:
         sizes = torch.tensor(cfg.downsample_sizes or [0], device=dev)
         pick = (rand(B) * len(sizes)).long().clamp_(max=len(sizes) - 1)
         down = torch.where(rand(B) < cfg.downsample_p, sizes[pick], torch.zeros_like(sizes[pick]))
-        return AugmentParams(box, flip, jitter, factors, gray, blur, sigma, order, down)
+        solarize = rand(B) < cfg.solarize_p
+        return AugmentParams(box, flip, jitter, factors, gray, blur, sigma, order, down, solarize)
 
     # -- deterministic application ----------------------------------------------------------------
     def apply(self, images, params: AugmentParams) -> torch.Tensor:
@@ -360,7 +373,7 @@ class BatchAugment:
         return self.apply(images, self.sample(B, H, W, generator))
 
     def _apply_chunk(self, images: torch.Tensor, p: AugmentParams) -> torch.Tensor:
-        cfg, S = self.cfg, self.image_size
+        S = self.image_size
         x = to_float_chw(images)
         B, _, H, W = x.shape
 
@@ -386,14 +399,17 @@ class BatchAugment:
         x = x.contiguous()  # NCHW for the per-channel ops below
 
         # colour jitter: the four ops in each image's own order
-        if cfg.color_jitter_p > 0 and any(cfg.color_jitter):
-            x = torch.where(p.jitter.view(B, 1, 1, 1), _jitter(x, p.factors.float(), p.order, cfg.color_jitter), x)
+        # each op runs when some image drew it (a batch may mix recipes: AugmentParams.select)
+        if p.jitter.any():
+            x = torch.where(p.jitter.view(B, 1, 1, 1), _jitter(x, p.factors.float(), p.order), x)
 
-        if cfg.grayscale_p > 0:
+        if p.gray.any():
             x = torch.where(p.gray.view(B, 1, 1, 1), _gray(x).expand_as(x), x)
 
-        if cfg.blur_p > 0:
+        if p.blur.any():
             x = _gaussian_blur(x, p.sigma.float(), self.kernel_size)
+        if p.solarize.any():
+            x = torch.where(p.solarize.view(B, 1, 1, 1) & (x >= 0.5), 1.0 - x, x)
 
         return normalize(x) if self.normalize else x
 

@@ -211,8 +211,13 @@ class AugmentConfig(_Section):
         "authors' code); 'fixed': brightness, contrast, saturation, hue.",
     )
     grayscale_p: float = Field(0.2, ge=0, le=1, description="Grayscale probability.")
-    blur_p: float = Field(0.5, ge=0, le=1, description="Gaussian blur probability.")
+    blur_p: float = Field(
+        0.5, ge=0, le=1, description="Gaussian blur probability (synclr: synclr.global_blur_p, local_blur_p)."
+    )
     blur_sigma: tuple[float, float] = Field((0.1, 2.0), description="Gaussian blur sigma range.")
+    solarize_p: float = Field(
+        0.0, ge=0, le=1, description="Probability of solarizing (inverting every value >= 0.5) after the blur."
+    )
     downsample_p: float = Field(
         0.05, ge=0, le=1,
         description="Probability of first resizing an image down to one of downsample_sizes and back "

@@ -108,7 +108,7 @@ def image_text_loss(
 def teacher_multi_positive_loss(
     queries: torch.Tensor,
     query_labels: torch.Tensor,
-    query_images: torch.Tensor,
+    query_images: torch.Tensor | None,
     keys: torch.Tensor,
     key_labels: torch.Tensor,
     key_images: torch.Tensor,
@@ -118,10 +118,12 @@ def teacher_multi_positive_loss(
     """SynCLR's contrastive term: student crops (``queries``) against the teacher's global-crop
     embeddings (``keys``, no gradient) of the whole global batch.
 
-    A query's positives are the keys of the same caption (``*_labels``) that come from another image;
-    the keys of its own image (``*_images``: image indices within the rank) are left out of numerator
-    and denominator, so no crop is its own positive. Anchors without a positive are left out of the
-    mean; across ranks the gradient convention is the module docstring's.
+    A query's positives are the keys of the same caption (``*_labels``). With ``query_images``, the
+    keys of its own image (``*_images``: image indices within the rank) are left out of numerator and
+    denominator, so a global crop is not its own positive; without (``None``), they count as positives
+    like the rest of the caption's, as SynCLR's code matches a local crop to its own image's global
+    crop. Anchors without a positive are left out of the mean; across ranks the gradient convention
+    is the module docstring's.
     """
     with _full_precision(queries):
         dtype = _compute_dtype(queries)
@@ -131,10 +133,13 @@ def teacher_multi_positive_loss(
         offset = rank * len(keys)  # image indices are below the rank's key count: unique after this
         k_all = _gather(k, world)
         key_labels_all = _gather(key_labels.to(q.device), world)
-        key_images_all = _gather(key_images.to(q.device) + offset, world)
-        own = (query_images.to(q.device)[:, None] + offset) == key_images_all[None, :]
-        logits = (q @ k_all.T / temperature).masked_fill(own, -torch.finfo(q.dtype).max)
-        positives = (query_labels.to(q.device)[:, None] == key_labels_all[None, :]) & ~own
+        logits = q @ k_all.T / temperature
+        positives = query_labels.to(q.device)[:, None] == key_labels_all[None, :]
+        if query_images is not None:
+            key_images_all = _gather(key_images.to(q.device) + offset, world)
+            own = (query_images.to(q.device)[:, None] + offset) == key_images_all[None, :]
+            logits = logits.masked_fill(own, -torch.finfo(q.dtype).max)
+            positives &= ~own
         num_valid = _sum_over_ranks(positives.any(dim=1).sum(), world)
         return _global_mean(_soft_target_cross_entropy(logits, positives), num_valid, world)
 

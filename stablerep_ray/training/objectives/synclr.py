@@ -6,8 +6,9 @@ small ones. The student sees its global crops with some patches masked; the teac
 encoder and heads, no gradient) sees them whole. Two terms:
 
 * contrastive: every student crop (through the student-only predictor) against the teacher's
-  global-crop embeddings of the global batch; positives are the other images of its caption, its own
-  image's teacher embeddings are left out. Global and local crops each give one mean.
+  global-crop embeddings of the global batch; positives are its caption's images. A global crop's
+  own image is left out (its teacher embedding is the same view); a local crop's counts, as the
+  authors' code runs it (``synclr.local_matches_own_image``). Global and local crops each give one mean.
 * iBOT: at the masked patches, the student's prototype distribution against the teacher's, whose
   targets are centred by Sinkhorn-Knopp; the teacher temperature warms up linearly.
 
@@ -96,6 +97,10 @@ class SynCLR(Objective):
                               ("synclr.local_crop_scale", s.local_crop_scale)):
             if not 0 < lo <= hi <= 1:
                 raise ValueError(f"{key}: need 0 < low <= high <= 1, got {lo, hi}")
+        for key, values in (("synclr.global_blur_p", s.global_blur_p),
+                            ("synclr.global_solarize_p", s.global_solarize_p)):
+            if not all(0 <= p <= 1 for p in values):
+                raise ValueError(f"{key}: probabilities must lie in [0, 1], got {values}")
         if not 0 <= s.teacher_momentum[0] <= s.teacher_momentum[1] <= 1:
             raise ValueError(f"synclr.teacher_momentum: need 0 <= start <= end <= 1, got {s.teacher_momentum}")
         if min(s.teacher_temperature) <= 0:
@@ -124,9 +129,15 @@ class SynCLR(Objective):
     def build_augment(self):
         from ...augment import MultiCrop
 
-        s = self.config.synclr
-        return MultiCrop(self.config.augment, self.config.model.image_size, s.global_crop_scale, s.global_crops,
-                         s.local_size, s.local_crop_scale, s.local_crops)
+        s, augment = self.config.synclr, self.config.augment
+
+        def recipe(scale, blur, solarize):
+            return augment.model_copy(update={"crop_scale": scale, "blur_p": blur, "solarize_p": solarize})
+
+        global_recipes = [recipe(s.global_crop_scale, blur, solarize)
+                          for blur, solarize in zip(s.global_blur_p, s.global_solarize_p, strict=True)]
+        return MultiCrop(global_recipes, self.config.model.image_size, s.global_crops,
+                         recipe(s.local_crop_scale, s.local_blur_p, 0.0), s.local_size, s.local_crops)
 
     def views(self, images, caption_ids, augment, generator):
         import torch
@@ -156,14 +167,16 @@ class SynCLR(Objective):
             teacher = self.teacher.crop_outputs(crops.global_crops, mask=mask, student=False)
         images_g = inputs.image_ids.repeat(s.global_crops)
 
-        def contrast(queries, copies):
+        def contrast(queries, copies, leave_out_own_image):
+            own = inputs.image_ids.repeat(copies) if leave_out_own_image else None
             return teacher_multi_positive_loss(
-                queries, inputs.caption_ids.repeat(copies), inputs.image_ids.repeat(copies),
-                teacher.global_z, labels, images_g, tau, distributed=True)
+                queries, inputs.caption_ids.repeat(copies), own, teacher.global_z, labels, images_g, tau,
+                distributed=True)
 
-        metrics = {"loss/contrastive_global": contrast(student.global_z, s.global_crops)}
+        metrics = {"loss/contrastive_global": contrast(student.global_z, s.global_crops, True)}
         if student.local_z is not None:
-            metrics["loss/contrastive_local"] = contrast(student.local_z, s.local_crops)
+            metrics["loss/contrastive_local"] = contrast(student.local_z, s.local_crops,
+                                                         not s.local_matches_own_image)
         total = s.contrastive_weight * sum(metrics.values())
         if mask is not None:
             temperature = teacher_temperature(self.steps_done, s.teacher_temperature_warmup_steps,

@@ -281,3 +281,29 @@ def test_downsampling_resizes_down_and_back_before_the_crop():
     skipped = BatchAugment(AugmentConfig(downsample_p=1.0, downsample_sizes=[64], **cfg), 32, normalize=False)
     torch.testing.assert_close(skipped(imgs, make_generator(1)), plain)
     assert not torch.allclose(out, plain)
+
+
+def test_solarize_inverts_the_bright_values_of_the_images_that_draw_it():
+    imgs = _images(64, 16, 16)
+    cfg = dict(crop_scale=(1.0, 1.0), downsample_p=0.0, **OFF)
+    plain = BatchAugment(AugmentConfig(**cfg), 16, normalize=False)(imgs, make_generator(2))
+    out = BatchAugment(AugmentConfig(solarize_p=0.5, **cfg), 16, normalize=False)(imgs, make_generator(2))
+    solarized = ~torch.isclose(out, plain).flatten(1).all(1)
+    assert 16 < solarized.sum() < 48, "about half the images"
+    expected = torch.where(plain >= 0.5, 1.0 - plain, plain)
+    torch.testing.assert_close(out[solarized], expected[solarized])
+    torch.testing.assert_close(out[~solarized], plain[~solarized])
+
+
+def test_multicrop_gives_each_image_one_global_crop_of_each_recipe():
+    from stablerep_ray.augment import MultiCrop
+
+    imgs = torch.full((32, 16, 16, 3), 204, dtype=torch.uint8)  # 0.8 everywhere: solarized to 0.2
+    plain = AugmentConfig(crop_scale=(1.0, 1.0), downsample_p=0.0, **OFF)
+    solarize = plain.model_copy(update={"solarize_p": 1.0})
+    crops = MultiCrop([solarize, plain], 16, 2, plain, 8, 1)(imgs, make_generator(3))
+    level = denormalize(crops.global_crops).mean((1, 2, 3)).view(2, 32)  # (crop, image)
+    is_solarized = level < 0.5
+    assert torch.equal(is_solarized[0], ~is_solarized[1]), "one crop of each recipe per image"
+    assert 4 < is_solarized[0].sum() < 28, "the first crop's recipe is drawn per image"
+    assert crops.local_crops.shape == (32, 3, 8, 8)

@@ -105,11 +105,17 @@ def test_masked_patch_loss_on_hand_built_tokens():
     assert masked_patch_loss(student, targets, images, tau).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_random_patch_masks_mask_whole_crops_at_the_ratio():
-    mask = random_patch_masks(400, 16, 0.5, 0.25, torch.Generator().manual_seed(0))
+def test_random_patch_masks_mask_a_fixed_share_of_the_crops_at_the_ratio():
+    g = torch.Generator().manual_seed(0)
+    mask = random_patch_masks(400, 16, 0.5, 0.25, g)
     per_crop = mask.sum(1)
     assert set(per_crop.tolist()) == {0, 4}
-    assert 0.4 < (per_crop > 0).float().mean().item() < 0.6
+    assert (per_crop > 0).sum() == 200
+    # 1.5 crops of 3: one or two, each about half the time, chosen at random
+    counts = [random_patch_masks(3, 16, 0.5, 0.25, g).any(1) for _ in range(400)]
+    assert {int(c.sum()) for c in counts} == {1, 2}
+    assert 0.4 < np.mean([c.sum().item() == 2 for c in counts]) < 0.6
+    assert 0.4 < torch.stack(counts).float().mean().item() < 0.6
 
 
 # -- the contrastive term ----------------------------------------------------------------------------
@@ -142,6 +148,30 @@ def test_contrastive_positives_are_other_images_of_the_caption():
     alone = teacher_multi_positive_loss(*(torch.from_numpy(a) for a in (q, np.arange(10) % 5, q_images, k,
                                                                          np.arange(5), k_images)))
     assert alone.item() == 0.0
+    # Without query images (local crops, as the authors' code), the crop's own image is a positive too.
+    mine = teacher_multi_positive_loss(torch.from_numpy(q), torch.from_numpy(q_labels), None, torch.from_numpy(k),
+                                       torch.from_numpy(k_labels), torch.from_numpy(k_images), temperature=0.08)
+    nobody = np.full(10, -1)
+    assert mine.item() == pytest.approx(_contrastive_reference(q, q_labels, nobody, k, k_labels, k_images, 0.08),
+                                        rel=1e-6)
+
+
+@pytest.mark.parametrize("own_image", [True, False])
+def test_local_crops_match_their_own_image_unless_told_not_to(monkeypatch, own_image):
+    import stablerep_ray.losses as losses
+
+    calls = []
+
+    def spy(queries, labels, query_images, *args, **kwargs):
+        calls.append(query_images)
+        return teacher_multi_positive_loss(queries, labels, query_images, *args, **kwargs)
+
+    monkeypatch.setattr(losses, "teacher_multi_positive_loss", spy)
+    step = _step(_config(f"synclr.local_matches_own_image={own_image}"))
+    step(synthetic_batch(step.config, step.config.captions_per_worker_step))
+    global_call, local_call = calls
+    assert global_call is not None, "a global crop's own image is always left out"
+    assert (local_call is None) == own_image
 
 
 def test_local_crops_move_towards_teacher_global_crops_of_their_caption():
