@@ -8,8 +8,9 @@ vectorised over the batch (no Python loop over images) and every image gets its 
   (bilinear, ``align_corners=False``); crop boxes follow torchvision's rejection sampling (area in
   ``crop_scale`` x image area, log-uniform aspect ratio in 3/4..4/3, ten tries, centre-crop fallback)
   but with sub-pixel boxes.
-* Colour jitter with probability ``color_jitter_p``: brightness, contrast, saturation, hue in that fixed
-  order (torchvision's semantics per op; hue is a shift in HSV space, vectorised).
+* Colour jitter with probability ``color_jitter_p``: brightness, contrast, saturation and hue, in an
+  order drawn per image or fixed (``jitter_order``; torchvision's semantics per op; hue is a shift in
+  HSV space, vectorised).
 * Random grayscale (ITU-R 601 luma, as torchvision).
 * Gaussian blur with probability ``blur_p`` and a per-image sigma: a separable depthwise convolution whose
   groups are the ``B*3`` image channels, kernel size about 10% of ``S`` (odd), reflect padding.

@@ -119,11 +119,11 @@ def teacher_multi_positive_loss(
     embeddings (``keys``, no gradient) of the whole global batch.
 
     A query's positives are the keys of the same caption (``*_labels``). With ``query_images``, the
-    keys of its own image (``*_images``: image indices within the rank) are left out of numerator and
-    denominator, so a global crop is not its own positive; without (``None``), they count as positives
-    like the rest of the caption's, as SynCLR's code matches a local crop to its own image's global
-    crop. Anchors without a positive are left out of the mean; across ranks the gradient convention
-    is the module docstring's.
+    keys that share its id (``*_images``: ids below the rank's key count, of a view or of an image)
+    are left out of numerator and denominator, so a global crop is not its own positive; without
+    (``None``), every key of the caption counts, as SynCLR's code matches a local crop to its own
+    image's global crop. Anchors without a positive are left out of the mean; across ranks the
+    gradient convention is the module docstring's.
     """
     with _full_precision(queries):
         dtype = _compute_dtype(queries)

@@ -6,9 +6,10 @@ small ones. The student sees its global crops with some patches masked; the teac
 encoder and heads, no gradient) sees them whole. Two terms:
 
 * contrastive: every student crop (through the student-only predictor) against the teacher's
-  global-crop embeddings of the global batch; positives are its caption's images. A global crop's
-  own image is left out (its teacher embedding is the same view); a local crop's counts, as the
-  authors' code runs it (``synclr.local_matches_own_image``). Global and local crops each give one mean.
+  global-crop embeddings of the global batch; positives are its caption's images. A global crop
+  leaves out its own view's teacher embedding (the same crop); a local crop's own image counts, as
+  the authors' code runs it (``synclr.local_matches_own_image``). Global and local crops each give
+  one mean.
 * iBOT: at the masked patches, the student's prototype distribution against the teacher's, whose
   targets are centred by Sinkhorn-Knopp; the teacher temperature warms up linearly.
 
@@ -165,18 +166,18 @@ class SynCLR(Objective):
         student = forward(crops.global_crops, multicrop=True, local_crops=crops.local_crops, mask=mask)
         with torch.no_grad():
             teacher = self.teacher.crop_outputs(crops.global_crops, mask=mask, student=False)
-        images_g = inputs.image_ids.repeat(s.global_crops)
 
-        def contrast(queries, copies, leave_out_own_image):
-            own = inputs.image_ids.repeat(copies) if leave_out_own_image else None
-            return teacher_multi_positive_loss(
-                queries, inputs.caption_ids.repeat(copies), own, teacher.global_z, labels, images_g, tau,
-                distributed=True)
+        def contrast(queries, copies, query_ids, key_ids):
+            return teacher_multi_positive_loss(queries, inputs.caption_ids.repeat(copies), query_ids,
+                                               teacher.global_z, labels, key_ids, tau, distributed=True)
 
-        metrics = {"loss/contrastive_global": contrast(student.global_z, s.global_crops, True)}
+        # A global crop leaves out its own view's teacher embedding; its image's other global crops count.
+        views = torch.arange(len(labels), device=labels.device)
+        metrics = {"loss/contrastive_global": contrast(student.global_z, s.global_crops, views, views)}
         if student.local_z is not None:
-            metrics["loss/contrastive_local"] = contrast(student.local_z, s.local_crops,
-                                                         not s.local_matches_own_image)
+            own = None if s.local_matches_own_image else inputs.image_ids.repeat(s.local_crops)
+            metrics["loss/contrastive_local"] = contrast(student.local_z, s.local_crops, own,
+                                                         inputs.image_ids.repeat(s.global_crops))
         total = s.contrastive_weight * sum(metrics.values())
         if mask is not None:
             temperature = teacher_temperature(self.steps_done, s.teacher_temperature_warmup_steps,

@@ -162,16 +162,23 @@ def test_local_crops_match_their_own_image_unless_told_not_to(monkeypatch, own_i
 
     calls = []
 
-    def spy(queries, labels, query_images, *args, **kwargs):
-        calls.append(query_images)
-        return teacher_multi_positive_loss(queries, labels, query_images, *args, **kwargs)
+    def spy(queries, labels, query_images, keys, key_labels, key_images, *args, **kwargs):
+        calls.append((query_images, key_images))
+        return teacher_multi_positive_loss(queries, labels, query_images, keys, key_labels, key_images, *args,
+                                           **kwargs)
 
     monkeypatch.setattr(losses, "teacher_multi_positive_loss", spy)
-    step = _step(_config(f"synclr.local_matches_own_image={own_image}"))
+    step = _step(_config(f"synclr.local_matches_own_image={own_image}", "synclr.global_crops=2"))
     step(synthetic_batch(step.config, step.config.captions_per_worker_step))
-    global_call, local_call = calls
-    assert global_call is not None, "a global crop's own image is always left out"
-    assert (local_call is None) == own_image
+    (global_queries, global_keys), (local_queries, local_keys) = calls
+    # Each global crop leaves out only its own view: its image's other global crop is a positive.
+    assert global_queries.tolist() == global_keys.tolist() == list(range(len(global_keys)))
+    if own_image:
+        assert local_queries is None
+    else:  # every global crop of the local crop's image is left out
+        images = len(global_keys) // 2
+        assert local_keys.tolist() == list(range(images)) * 2
+        assert local_queries.tolist() == list(range(images)) * 2  # synclr.local_crops=2
 
 
 def test_local_crops_move_towards_teacher_global_crops_of_their_caption():
