@@ -61,9 +61,9 @@ def random_patch_masks(count: int, patches: int, probability: float, ratio: floa
     random, so it is exact on average); a masked crop has ``round(ratio x patches)`` (at least one)
     of its patches chosen uniformly at random."""
     device = generator.device if generator is not None else torch.device("cpu")
-    rounding = torch.rand((), generator=generator, device=device).item()
+    masked_count = (torch.rand((), generator=generator, device=device) + probability * count).floor()  # no host sync
     crops = torch.rand(count, generator=generator, device=device).argsort().argsort()
-    masked = crops < int(probability * count + rounding)
+    masked = crops < masked_count
     ranks = torch.rand(count, patches, generator=generator, device=device).argsort(dim=1).argsort(dim=1)
     per_crop = max(1, round(ratio * patches))
     return (ranks < per_crop) & masked[:, None]
