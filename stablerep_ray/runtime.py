@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from .config import SYNTH_SOURCE, Config, ConfigError
 
@@ -115,12 +117,44 @@ def start_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | No
     level = logging.INFO if verbose() else logging.WARNING
     setup_process()
     if address:
-        ray.init(address=address, logging_level=level, runtime_env=WORKER_SETUP)
+        field = "RAY_ADDRESS" if address == os.environ.get("RAY_ADDRESS") else "cluster.address"
+        check_reachable(address, field)
+        try:
+            ray.init(address=address, logging_level=level, runtime_env=WORKER_SETUP)
+        except ConnectionError as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"{field}: could not join Ray at {address!r} ({reason}); {_ADDRESS_HELP}") from None
     else:
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level=level,
                  runtime_env=WORKER_SETUP)
     if not verbose():
         drop_forwarded_noise()
+
+
+_ADDRESS_HELP = (
+    "start the cluster (`ray up cluster.yaml`, or `ray start --head` on the head node) or fix the address: "
+    "ray://HEAD:10001 from outside the cluster, HEAD:6379 or auto on one of its nodes, empty for a local Ray"
+)
+_DEFAULT_PORTS = {"": 6379, "ray": 10001}  # the GCS port and the Ray Client server port
+
+
+def check_reachable(address: str, field: str, timeout_s: float = 10.0) -> None:
+    """Fail in seconds when nothing listens at ``address``: ``ray.init`` would retry it for minutes."""
+    scheme = address.split("://")[0] if "://" in address else ""
+    if scheme not in _DEFAULT_PORTS or address in ("auto", "local"):
+        return  # auto / local / other schemes: ray.init resolves them, and its ConnectionError is caught
+    try:
+        parts = urlsplit(address if scheme else f"//{address}")
+        host, port = parts.hostname, parts.port or _DEFAULT_PORTS[scheme]
+    except ValueError as err:
+        raise ConfigError(f"{field}: {address!r} is not HOST:PORT ({err}); {_ADDRESS_HELP}") from None
+    if not host:
+        raise ConfigError(f"{field}: {address!r} names no host; {_ADDRESS_HELP}")
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise ConfigError(f"{field}: nothing answers at {host}:{port} ({reason}); {_ADDRESS_HELP}") from None
 
 
 # Every process of the run's Ray job runs it when it starts (merged with a `ray job submit` runtime_env).

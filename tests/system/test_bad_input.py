@@ -205,6 +205,10 @@ CASES = [
     ("storage-path-unknown-scheme",
      lambda t: {"cluster.storage_path": "nosuchscheme://bucket/x"},
      ["cluster.storage_path", "cannot open 'nosuchscheme://bucket/x'", "supported scheme"]),
+    # -- a cluster nothing answers at (port 1: nothing listens there)
+    ("cluster-address-unreachable",
+     lambda t: {"cluster.address": "127.0.0.1:1"},
+     ["cluster.address", "nothing answers at 127.0.0.1:1", "ray up cluster.yaml"]),
     # -- eval directories of the wrong shape
     ("eval-data-is-an-image-file",
      lambda t: {"eval.data": write(t / "one.png", b"png")},

@@ -1,12 +1,15 @@
-"""Ray's known console noise is dropped, and nothing else: other records and thread errors still show."""
+"""Ray's known console noise is dropped, and nothing else; a cluster address nothing answers at fails fast."""
 
 import logging
+import socket
 import threading
 import time
 
+import pytest
 import ray.exceptions
 
 from stablerep_ray import runtime
+from stablerep_ray.config import ConfigError
 
 
 class Collect(logging.Handler):
@@ -137,3 +140,29 @@ def test_an_idle_data_executor_is_paced_and_a_waiting_one_is_not(monkeypatch):
     start = time.perf_counter()
     paced("topology")
     assert time.perf_counter() - start < period
+
+
+def closed_port() -> int:
+    """A local port nothing listens on: bound once to learn a free number, then closed."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}"])
+def test_an_address_nothing_answers_at_fails_in_seconds(address, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    port = closed_port()
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"^cluster.address: nothing answers at 127.0.0.1:{port} .*ray up"):
+        runtime.start_ray(address.format(port=port))
+    assert time.monotonic() - start < 5  # ray.init itself retried such an address for over 5 minutes
+
+
+def test_the_address_error_names_where_the_address_came_from(monkeypatch):
+    address = f"127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(ConfigError, match=r"^RAY_ADDRESS: nothing answers"):
+        runtime.start_ray(address)
+    with pytest.raises(ConfigError, match=r"^cluster.address: '10.0.0.1:abc' is not HOST:PORT"):
+        runtime.check_reachable("10.0.0.1:abc", "cluster.address")
