@@ -136,10 +136,19 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{config.group_size} per worker step), objective {t.objective}, {describe_lr(config)}")
     console = TrainConsole(config)
     init_ray(config)
-    with console:
-        result = fit(config, max_steps=args.max_steps, captions_per_pass=captions_per_pass, progress=console.queue)
     import ray
 
+    try:
+        with console:
+            result = fit(config, max_steps=args.max_steps, captions_per_pass=captions_per_pass,
+                         progress=console.queue)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Ray Train aborts the run, and its ray.get exits
+        from .storage import latest_checkpoint
+
+        ray.shutdown()
+        for line in console.interrupted(latest_checkpoint(config)):
+            print(line)
+        return 130
     ray.shutdown()  # prints the workers' last log lines now, so that the summary comes last
     for line in console.summary(result):
         print(line)

@@ -226,6 +226,20 @@ class TrainConsole:
         return lines
 
 
+    def interrupted(self, checkpoint: tuple[str, dict] | None) -> list[str]:
+        """What a run stopped before its end (Ctrl-C) prints: how far it got and what rerunning does."""
+        t, wall = self.config.train, time.perf_counter() - self.started
+        step = self.records[-1]["step"] if self.records else 0
+        lines = [f"interrupted after {duration(wall)}: last logged step {step}/{t.steps}"]
+        if checkpoint:
+            path, metrics = checkpoint
+            lines.append(f"checkpoint: {path} (step {int(metrics.get('step', 0))}); the same command resumes from it")
+        else:
+            lines.append(f"checkpoint: none yet (train.checkpoint_every={t.checkpoint_every}); "
+                         f"the same command starts over")
+        return [*lines, f"tensorboard: tensorboard --logdir {self.config.run_dir / 'tensorboard'}"]
+
+
 def echo(line: str) -> None:
     """Print one line without tearing Ray Data's progress bar in a terminal."""
     if interactive():

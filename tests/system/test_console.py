@@ -1,5 +1,5 @@
 """The quickstart's console and TensorBoard, from one short run of the real command (output to a file,
-as in CI or `ray job logs`), and `stablerep-ray eval` of its checkpoint.
+as in CI or `ray job logs`), and `stablerep-ray eval` of its checkpoint; a run stopped by Ctrl-C.
 
 Console: at most 100 lines, at least 90 % of them carrying information (no progress-bar redraws, blank
 cursor lines or raw report dumps), one progress line per log interval, and the summary last.
@@ -10,7 +10,9 @@ run's own directory, and no resume repetition on a run that never resumed.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -99,3 +101,37 @@ def test_eval_prints_scores_and_where_they_went(run, tmp_path):
     assert re.fullmatch(r"eval: knn_top1 0\.\d{4}", lines[0]), lines
     assert "features in-process" in lines[1]
     assert lines[2:] == [f"results: {tmp_path}/results.json", f"tensorboard: tensorboard --logdir {tmp_path}"]
+
+
+def test_ctrl_c_says_how_far_the_run_got_and_that_the_same_command_resumes(tmp_path, monkeypatch):
+    """SIGINT to the command's process group, as a terminal's Ctrl-C sends it: exit status 130 and, in
+    place of a traceback or silence, the last step, the last checkpoint and what rerunning does."""
+    from stablerep_ray.config import load_config
+    from stablerep_ray.training.resume import check_resume
+
+    log, overrides = tmp_path / "train.log", ["eval.data=", "train.log_every=5", "train.checkpoint_every=5"]
+    args = ["train", str(QUICKSTART), "--output-dir", str(tmp_path), *[a for s in overrides for a in ("--set", s)]]
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "stablerep_ray.cli", *args], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            while "step 10/200" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            os.killpg(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=180)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    lines = log.read_text(errors="replace").splitlines()
+    print("\n".join(["", *lines]))
+    assert rc == 130, lines[-20:]
+    run_dir = tmp_path / "quickstart"
+    assert re.fullmatch(r"interrupted after \d+s: last logged step (10|15|20)/200", lines[-3]), lines[-3:]
+    checkpoint = re.fullmatch(rf"checkpoint: ({run_dir}/checkpoint_(\d+)) \(step (\d+)\); the same command "
+                              r"resumes from it", lines[-2])
+    assert checkpoint and int(checkpoint[2]) == int(checkpoint[3]) >= 5, lines[-2]
+    assert lines[-1] == f"tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}"
+    monkeypatch.chdir(ROOT)
+    resume = check_resume(load_config(QUICKSTART, [f"output_dir={tmp_path}", *overrides]))
+    assert (resume.checkpoint, resume.step) == (checkpoint[1], int(checkpoint[3]))
