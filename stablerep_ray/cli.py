@@ -160,8 +160,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     captions_per_pass = preflight(config)
     from .sweep import run_sweep
 
-    run_sweep(config, resume=args.resume, captions_per_pass=captions_per_pass)
-    return 0
+    outputs = run_sweep(config, resume=args.resume, captions_per_pass=captions_per_pass)
+    return 130 if outputs.interrupted else 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -258,13 +259,29 @@ FORWARDED_NOISE = (
 )
 
 
-def without_noise(lines: list[str]) -> list[str]:
-    """``lines`` less those holding a ``FORWARDED_NOISE`` phrase."""
-    return [line for line in lines if not any(phrase in line for phrase in FORWARDED_NOISE)]
+# Ray ends a job's workers with SIGTERM when the job's driver leaves a long-lived cluster (a sweep
+# stopped by Ctrl-C, trial workers still importing), and their C++ failure-signal handler prints where
+# each was: a header, then stack frames, each also repeated with a logging.cc prefix. Deliberate, and
+# a screen of hex after the summary; frames are dropped only from a process that printed the header.
+SIGTERM_HEADER = "*** SIGTERM received at time="
+STACK_FRAME = re.compile(r"(^|PC: |logging\.cc:\d+: )\s*@\s+0x[0-9a-f]+")
+
+
+def without_noise(lines: list[str], terminated: bool = False) -> tuple[list[str], bool]:
+    """``lines`` of one process less those holding a ``FORWARDED_NOISE`` phrase and its SIGTERM stack,
+    and whether it has printed a SIGTERM header (``terminated``: so far)."""
+    kept = []
+    for line in lines:
+        terminated = terminated or SIGTERM_HEADER in line
+        if not (any(phrase in line for phrase in FORWARDED_NOISE) or SIGTERM_HEADER in line
+                or (terminated and STACK_FRAME.search(line))):
+            kept.append(line)
+    return kept, terminated
 
 
 def drop_forwarded_noise() -> None:
-    """Wrap the driver's printers of forwarded output so ``FORWARDED_NOISE`` lines are dropped: the
+    """Wrap the driver's printers of forwarded output so ``FORWARDED_NOISE`` lines and SIGTERM stacks
+    are dropped: the
     dispatcher of worker logs, and the printer the raylet's warnings (published as error messages,
     such as the worker start-up one) reach directly.
 
@@ -277,9 +294,14 @@ def drop_forwarded_noise() -> None:
     except ImportError:
         return
 
+    terminated: set = set()  # processes that printed a SIGTERM header
+
     def filtered(handler):
         def handle(data: dict) -> None:
-            lines = without_noise(data.get("lines", []))
+            pid = data.get("pid")
+            lines, stopped = without_noise(data.get("lines", []), pid in terminated)
+            if stopped:
+                terminated.add(pid)
             if lines:
                 handler({**data, "lines": lines})
 

@@ -211,6 +211,7 @@ class SweepOutputs:
     rows: list[dict]
     summary: list[dict]
     best: dict | None
+    interrupted: bool = False  # stopped by Ctrl-C: the rest runs with --resume
 
 
 def write_outputs(results, plan: SweepPlan) -> SweepOutputs:

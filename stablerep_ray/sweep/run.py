@@ -9,6 +9,7 @@ cluster, and the outputs are written even when some trials failed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import yaml
 
 from ..config import Config, ConfigError
 from ..config.io import config_diff
-from .plan import concurrency, experiment_path, plan_sweep, sweep_dir, sweep_name
+from .plan import SweepPlan, concurrency, experiment_path, plan_sweep, sweep_dir, sweep_name
 from .ray_reservations import ReleaseStaleReservations
 from .report import SweepOutputs, TrialEvents, print_outputs, write_outputs
 from .trial import trial_trainable, tune_trial_dirname
@@ -33,6 +34,15 @@ def trial_statuses(path: str | os.PathLike) -> dict[str, str]:
     return {}
 
 
+def _finished(path: str, plan: SweepPlan) -> str:
+    """``3 of 8 trials finished; `` from the saved experiment state; empty where it is remote storage.
+    Of plan.num_trials: Tune adds trials to its saved state lazily, so the state may list fewer."""
+    if "://" in path:
+        return ""
+    done = sum(s == "TERMINATED" for s in trial_statuses(path).values())
+    return f"{done} of {plan.num_trials} trials finished; "
+
+
 def _statuses(data: dict) -> dict[str, str]:
     out = {}
     for entry in data.get("trial_data", []):
@@ -41,6 +51,23 @@ def _statuses(data: dict) -> dict[str, str]:
             state = json.loads(state)
         out[state.get("trial_id")] = state.get("status")
     return out
+
+
+class InterruptWatch(logging.Filter):
+    """Notes Tune's end-of-sweep warning that Ctrl-C interrupted it, and drops the warning: its advice
+    (``Tuner.restore`` in Python) has a command-line form, ``--resume``, which ``run_sweep`` prints."""
+
+    LOGGER = "ray.tune.tune"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "has been interrupted" in record.getMessage():
+            self.interrupted = True
+            return False
+        return True
 
 
 def _check_resume(config: Config, resume: bool) -> None:
@@ -117,10 +144,7 @@ def run_sweep(config: Config, resume: bool = False, captions_per_pass: int | Non
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if resume:
         path = experiment_path(config)
-        statuses = trial_statuses(path) if "://" not in path else {}
-        done = sum(s == "TERMINATED" for s in statuses.values())
-        # of plan.num_trials: Tune adds trials to its saved state lazily, so it may list fewer
-        print(f"resuming {path}: {done} of {plan.num_trials} trials finished; running the rest")
+        print(f"resuming {path}: {_finished(path, plan)}running the rest")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
         scheduler = None
@@ -150,9 +174,21 @@ def run_sweep(config: Config, resume: bool = False, captions_per_pass: int | Non
                 verbose=1 if verbose() else 0,  # TrialEvents prints one line per trial event instead
             ),
         )
-    results = tuner.fit()
+    watch = InterruptWatch()
+    logging.getLogger(InterruptWatch.LOGGER).addFilter(watch)
+    try:
+        results = tuner.fit()
+    finally:
+        logging.getLogger(InterruptWatch.LOGGER).removeFilter(watch)
     outputs = write_outputs(results, plan)
+    outputs.interrupted = watch.interrupted
+    import ray
+
+    ray.shutdown()  # the trials' teardown lines come now (after Ctrl-C, a screen of them): the summary last
     print_outputs(outputs, plan)
+    if outputs.interrupted:
+        print(f"interrupted: {_finished(experiment_path(config), plan)}the same command with --resume runs the rest")
+        return outputs
     if outputs.rows and all(r["status"] == "error" for r in outputs.rows):
         raise RuntimeError(f"every trial of {plan.name} failed; see {outputs.results_csv} and the trial logs")
     return outputs

@@ -8,6 +8,7 @@
   {1, 8} x m {2, 4}) on a cluster sized for exactly 2 trials runs 2 at a time; its driver is
   SIGKILLed after the first trial finished and `--resume` finishes the rest without rerunning it;
   every trial's TensorBoard holds the kNN scalar, the plot, the table and best-config.yaml exist.
+  Ctrl-C (SIGINT) ends a sweep with its outputs, exit status 130 and the `--resume` command.
 
 Set STABLEREP_TUNE_TESTS=unit to skip the Ray part.
 """
@@ -18,6 +19,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -411,3 +413,30 @@ def test_too_small_for_the_cluster_fails_right_after_connecting(ray_head, tmp_pa
     assert "6 generator actors" in proc.stderr and "= 8.5 CPUs" in proc.stderr and "has 8 CPUs" in proc.stderr
     assert not list(tmp_path.glob("sweep-quickstart/*/"))  # no trial started
     print(f"too-small sweep rejected by the cluster check in {time.monotonic() - start:.1f}s")
+
+
+@needs_ray
+def test_ctrl_c_ends_the_sweep_with_its_outputs_and_the_resume_command(ray_head, tmp_path):
+    """SIGINT to the driver's process group, as a terminal's Ctrl-C sends it, once trials run: Tune saves
+    its state and stops them; the command writes what it has, says that --resume runs the rest (not
+    Tune's Python advice) and exits with status 130."""
+    log = tmp_path / "driver.log"
+    driver = _start_sweep(ray_head, tmp_path, log)
+    try:
+        deadline = time.monotonic() + 600
+        while ": started" not in log.read_text() and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        os.killpg(driver.pid, signal.SIGINT)
+        rc = driver.wait(timeout=300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    output = log.read_text(errors="replace")
+    print(output)
+    lines = output.splitlines()
+    assert rc == 130, output[-6000:]
+    assert re.fullmatch(r"interrupted: [0-3] of 4 trials finished; the same command with --resume runs the rest",
+                        lines[-1]), lines[-3:]
+    assert "Tuner.restore" not in output
+    assert (tmp_path / "sweep-quickstart" / "results.csv").is_file()
+    assert set(trial_statuses(tmp_path / "sweep-quickstart").values()) & {"RUNNING", "PENDING"}

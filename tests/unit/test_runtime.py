@@ -97,6 +97,36 @@ def test_forwarded_worker_noise_goes_and_the_rest_stays():
     assert printed[0]["pid"] == 7
 
 
+def test_the_stack_of_a_worker_ended_by_sigterm_goes_and_a_crash_stays():
+    """Ray's failure-signal handler in workers a departing driver's job ends: header and frames (also
+    with a logging.cc prefix, also in a later batch) go; a SIGSEGV keeps its frames."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    printed: list[dict] = []
+    saved = list(dispatcher.handlers)
+    dispatcher.handlers = [("ray_print_logs", printed.append)]
+    prefix = "[2026-11-29 02:34:15,000 E 21117 21117] logging.cc:474: "
+    try:
+        runtime.drop_forwarded_noise()
+        dispatcher.emit({"pid": 5, "is_err": True, "lines": [
+            "*** SIGTERM received at time=1795919654 on cpu 1 ***",
+            "PC: @     0x7fc8c12c668b  (unknown)  __Pyx_InitConstants()",
+            "    @     0x7fcad285a050  1749584480  (unknown)",
+            f"{prefix}*** SIGTERM received at time=1795919654 on cpu 1 ***",
+        ]})
+        dispatcher.emit({"pid": 5, "is_err": True, "lines": [
+            f"{prefix}PC: @     0x7fc8c12c668b  (unknown)  __Pyx_InitConstants()",
+            f"{prefix}    @     0x7fc8c124ce20        464  __pyx_pymod_exec_lib()",
+            "a line of its own",
+        ]})
+        crash = ["*** SIGSEGV received at time=1795919654 on cpu 0 ***",
+                 "PC: @     0x7f504c78b88b  (unknown)  (unknown)", "    @     0x7f504c65a050  (unknown)  (unknown)"]
+        dispatcher.emit({"pid": 6, "is_err": True, "lines": crash})
+    finally:
+        dispatcher.handlers = saved
+    assert [(d["pid"], d["lines"]) for d in printed] == [(5, ["a line of its own"]), (6, crash)]
+
+
 def test_raylet_warnings_sent_as_error_messages_are_filtered_too(capsys):
     """The raylet's worker start-up warning reaches the driver as an error message, printed by
     ``ray._private.worker.print_to_stdstream`` directly, not through the dispatcher."""
