@@ -10,9 +10,7 @@ run's own directory, and no resume repetition on a run that never resumed.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 from repo import QUICKSTART, ROOT
+from terminal import ctrl_c_once
 
 STEPS = 30  # 3 log intervals of 10 steps; kNN at steps 0, 15 and 30
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
@@ -114,15 +113,7 @@ def test_ctrl_c_says_how_far_the_run_got_and_that_the_same_command_resumes(tmp_p
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "stablerep_ray.cli", *args], cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 600
-            while "step 10/200" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.5)
-            os.killpg(proc.pid, signal.SIGINT)
-            rc = proc.wait(timeout=180)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+        rc = ctrl_c_once(proc, log, "step 10/200")
     lines = log.read_text(errors="replace").splitlines()
     print("\n".join(["", *lines]))
     assert rc == 130, lines[-20:]

@@ -31,6 +31,7 @@ import pytest
 import yaml
 from local_head import LocalHead, clean_env
 from repo import ROOT
+from terminal import ctrl_c_once
 
 from stablerep_ray.config import ConfigError, load_config
 from stablerep_ray.sweep import (
@@ -421,16 +422,7 @@ def test_ctrl_c_ends_the_sweep_with_its_outputs_and_the_resume_command(ray_head,
     its state and stops them; the command writes what it has, says that --resume runs the rest (not
     Tune's Python advice) and exits with status 130."""
     log = tmp_path / "driver.log"
-    driver = _start_sweep(ray_head, tmp_path, log)
-    try:
-        deadline = time.monotonic() + 600
-        while ": started" not in log.read_text() and driver.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        os.killpg(driver.pid, signal.SIGINT)
-        rc = driver.wait(timeout=300)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+    rc = ctrl_c_once(_start_sweep(ray_head, tmp_path, log), log, ": started")
     output = log.read_text(errors="replace")
     print(output)
     lines = output.splitlines()
