@@ -90,27 +90,28 @@ def preflight(config: Config, steps: int | None = None) -> int:
 
 
 def warn_if_unbalanced(config: Config) -> None:
-    """Say so when the generator/trainer split, the generator call size or the caption-synthesis stage
-    (by measured or estimated rates) wastes throughput."""
+    """Say so when generated images go unused, or when the generator/trainer split, the generator call
+    size or the caption-synthesis stage (by measured or estimated rates) wastes throughput."""
     from .tools.planner import (
         caption_rate,
         check_balance,
         check_call_length,
         check_caption_supply,
+        check_image_use,
         consumed_captions_per_s,
         per_unit_rates,
         rates_for,
     )
 
+    warnings = [check_image_use(config)]
     rates = rates_for(config)
-    if not rates:
-        return
-    actor_rate, worker_rate = per_unit_rates(config, rates)
-    warnings = [check_balance(config, actor_rate, worker_rate), check_call_length(config, actor_rate)]
-    captions = caption_rate(config)
-    if captions:
-        warnings.append(check_caption_supply(config, captions, consumed_captions_per_s(config, actor_rate,
-                                                                                        worker_rate)))
+    if rates:
+        actor_rate, worker_rate = per_unit_rates(config, rates)
+        warnings += [check_balance(config, actor_rate, worker_rate), check_call_length(config, actor_rate)]
+        captions = caption_rate(config)
+        if captions:
+            warnings.append(check_caption_supply(config, captions, consumed_captions_per_s(config, actor_rate,
+                                                                                            worker_rate)))
     for warning in warnings:
         if warning:
             print(f"warning: {warning}", file=sys.stderr)

@@ -75,7 +75,8 @@ class GeneratorConfig(_Section):
         256, gt=0, description="Stored (streamed) resolution: generated images are resized to this."
     )
     images_per_caption: int = Field(
-        10, gt=0, description="n: images generated per caption (the batch draws m of them)."
+        10, gt=0, description="n: images generated per caption (each serve draws m of them; with "
+        "stream.reuse R, (1 - m/n)^R of them are never trained on, and the command warns above 10 %)."
     )
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="Pipeline dtype; 'auto' is bf16 on GPU and fp32 on CPU."

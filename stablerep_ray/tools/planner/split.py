@@ -2,7 +2,8 @@
 
 Given rates per actor and per worker (``costs`` / ``measure``), this is the stream arithmetic: supply
 and demand in captions/s, the trainer's data-wait, the best split (:func:`best_split`), the warnings
-the CLI prints for a configured split (:func:`check_balance`, :func:`check_call_length`) and the
+the CLI prints for a configured split (:func:`check_balance`, :func:`check_call_length`,
+:func:`check_image_use`) and the
 ``stablerep-ray plan`` report (:func:`plan`). What an objective feeds the encoder per caption comes
 from its class (``config.group_size``, ``caption_positives``), never from its name.
 """
@@ -25,6 +26,7 @@ IDLE_WARNING = 0.10  # check_balance: warn when generators would idle this fract
 # check_call_length: Ray Data spends a fixed amount of CPU per block (executor, raylet, consumer), so a
 # generator call must be long enough to dwarf it (call sizes measured in docs/performance.md).
 MIN_CALL_SECONDS = 0.5
+UNUSED_WARNING = 0.10  # check_image_use: warn when this share of the generated images is never trained on
 
 
 @dataclass
@@ -153,6 +155,23 @@ def check_call_length(config: Config, gen_rate: float) -> str | None:
 
 
 # -- the report ----------------------------------------------------------------------------------
+def check_image_use(config: Config) -> str | None:
+    """A warning when a sizeable share of the generated images is never trained on, else None.
+
+    Each of a caption group's R serves draws a fresh d of its n images (d: ``config.images_drawn_per_group``),
+    so an image is never drawn with probability (1 - d/n)^R: at R = 1 and n = 2m half of the generation,
+    the run's cost, is thrown away. The simulator's images cost nothing and are not warned about.
+    """
+    n, d, reuse = config.generator.images_per_caption, config.images_drawn_per_group, config.stream.reuse
+    unused = (1 - d / n) ** reuse
+    if config.generator.backend == "simulator" or unused < UNUSED_WARNING:
+        return None
+    reuse_needed = math.ceil(math.log(UNUSED_WARNING) / math.log(1 - d / n) - 1e-9)
+    return (f"generator.images_per_caption: {unused:.0%} of the generated images are never trained on (a caption "
+            f"is served {_n(reuse, 'time')}, each time {d} of its {n} images drawn); set it to {d}, or "
+            f"stream.reuse to {reuse_needed} or more")
+
+
 def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
@@ -257,7 +276,7 @@ def plan(config: Config, gpus: float, measure: bool = False, gpu_type: str | Non
     warning = check_balance(config, actor_rate, worker_rate)
     lines.append(f"current config ({g.num_actors} actors, {t.num_workers} workers): "
                  + (warning or "balanced (trainer data-wait under 5 %, no idle generator actor)"))
-    short_calls = check_call_length(config, actor_rate)
-    if short_calls:
-        lines.append(f"  and {short_calls}")
+    for warning in (check_call_length(config, actor_rate), check_image_use(config)):
+        if warning:
+            lines.append(f"  and {warning}")
     return "\n".join(lines)

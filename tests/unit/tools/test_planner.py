@@ -1,4 +1,5 @@
-"""Planner: the cost-model split math, the chosen split, edge cases and check_balance's warnings.
+"""Planner: the cost-model split math, the chosen split, edge cases and its warnings (balance, call
+length, generated images never trained on).
 
 Fast and Ray-free: rates come from the FLOP estimate or from small JSON tables written to tmp_path.
 """
@@ -16,6 +17,7 @@ from stablerep_ray.tools.planner import (
     best_split,
     check_balance,
     check_call_length,
+    check_image_use,
     cost_model_ratio,
     estimate_rates,
     evaluate_split,
@@ -223,6 +225,22 @@ def test_short_generator_calls_are_flagged(tmp_path):
     (tmp_path / "planner-rates.json").write_text(json.dumps(
         {key: {"config": "quickstart", "generator": 2400.0, "trainer": 60.0, "time": "then"}}))
     assert "and short generator calls" in plan(short, gpus=8, results=tmp_path)
+
+
+def test_generated_images_never_trained_on_are_flagged(no_tables):
+    """Each serve draws a fresh m of n: (1 - m/n)^R of the images are never drawn. The paper's n = 10,
+    m = 6 at R = 15 uses them all; served once, 40 % of the generation is thrown away."""
+    assert check_image_use(paper()) is None
+    once = check_image_use(paper("stream.reuse=1"))
+    assert once.startswith("generator.images_per_caption: 40% of the generated images are never trained on")
+    assert "set it to 6, or stream.reuse to 3 or more" in once  # 0.4^3 = 6.4 % < 10 %
+    assert "16%" in check_image_use(paper("stream.reuse=2"))
+    assert check_image_use(paper("stream.reuse=1", "generator.images_per_caption=6")) is None
+    simclr = paper("stream.reuse=1", "generator.images_per_caption=6", "train.objective=simclr")
+    assert "83% of" in check_image_use(simclr) and "set it to 1," in check_image_use(simclr)  # one image a serve
+    assert check_image_use(load_config(QUICKSTART)) is None  # the simulator's images cost nothing
+    assert check_image_use(load_config(CONFIGS / "tiny-diffusers.yaml")) is None  # the shipped configs
+    assert "and generator.images_per_caption: 40%" in plan(paper("stream.reuse=1"), gpus=64)
 
 
 def test_plan_prints_the_authors_peak_lr_of_the_paper_config():
