@@ -104,6 +104,7 @@ def bench_split(device, smoke: bool, alone_images_per_s: float | None) -> dict:
     import ray
 
     from stablerep_ray.cli import preflight
+    from stablerep_ray.storage import check_storage
     from stablerep_ray.training.trainer import fit
 
     if not smoke:
@@ -117,7 +118,8 @@ def bench_split(device, smoke: bool, alone_images_per_s: float | None) -> dict:
            "run_dir": str(config.run_dir)}
     print(f"  split: 1 generator actor ({g.num_gpus_per_actor:g} GPU) + 1 trainer worker ({row['trainer_gpus']:g} "
           f"GPU), batch {t.batch_size}, {t.steps} steps, R = {config.stream.reuse}", flush=True)
-    captions_per_pass = preflight(config)  # the checks `stablerep-ray train` makes before Ray starts
+    check_storage(config)  # the checks `stablerep-ray train` makes before Ray starts
+    captions_per_pass = preflight(config)
     common.start_ray(num_cpus=config.cluster.num_cpus)
     started = time.perf_counter()
     try:

@@ -51,18 +51,15 @@ def check_caption_supply_of_one_pass(config: Config, captions: int, steps: int |
 
 
 def preflight(config: Config, steps: int | None = None) -> int:
-    """Every check that needs no cluster, before Ray starts or any actor is reserved. ``steps``: the
-    steps this run trains (``--max-steps``), default ``train.steps``.
+    """Every check that needs no cluster, before Ray starts or any actor is reserved, but the storage's
+    (``storage.check_storage``, which comes first). ``steps``: the steps this run trains
+    (``--max-steps``), default ``train.steps``.
 
     Returns the number of captions seen in one pass (a lower bound for large sources)."""
     from .captions import inspect_captions, whole_file_warnings
     from .generation import generator_class
     from .runtime import check_local_fit
-    from .storage import check_writable
 
-    check_writable(config.output_dir, "output_dir", remote=False)
-    if config.cluster.storage_path:
-        check_writable(config.cluster.storage_path, "cluster.storage_path")
     if config.captions.source == SYNTH_SOURCE:
         from .captions.synth.preview import check_synth
 
@@ -119,8 +116,10 @@ def warn_if_unbalanced(config: Config) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     config = load_from_args(args)  # before the heavy imports: a bad config is refused in a blink
+    from .storage import check_storage
     from .training.resume import check_resume
 
+    check_storage(config)  # before the resume check reads it
     resume = check_resume(config, args.max_steps, args.allow_config_change)
     for line in resume.lines(config, args.max_steps):
         print(line)
@@ -158,6 +157,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     config = load_from_args(args)
+    from .storage import check_storage
+
+    check_storage(config)
     captions_per_pass = preflight(config)
     from .sweep import run_sweep
 

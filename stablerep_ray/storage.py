@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,9 @@ if TYPE_CHECKING:
     from .config import Config
 
 TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+# How long the check of a remote storage location may take: GCS's client retries an unauthenticated
+# read for 15 minutes by default, which looked like a hang before the run's first line.
+PROBE_SECONDS = 20
 
 
 def open_filesystem(location: str, what: str) -> tuple[pafs.FileSystem, str]:
@@ -81,6 +85,13 @@ def write_json_atomic(path: Path, obj: dict) -> None:
         raise
 
 
+def check_storage(config: Config) -> None:
+    """The run's storage, before anything (the resume check included) reads or writes it."""
+    check_writable(config.output_dir, "output_dir", remote=False)
+    if config.cluster.storage_path:
+        check_writable(config.cluster.storage_path, "cluster.storage_path")
+
+
 def check_writable(location: str, key: str, remote: bool = True) -> None:
     """Refuse, before anything is written, a storage location that cannot work: a URI whose
     filesystem cannot be opened (unknown scheme, unreachable), a URI where only a local path works
@@ -93,7 +104,7 @@ def check_writable(location: str, key: str, remote: bool = True) -> None:
                 f"{key}: {location} is a URI, but {key} must be a local directory; put remote "
                 f"storage in cluster.storage_path"
             )
-        open_filesystem(location, key)
+        probe_remote(location, key)
         return
     path = Path(location.removeprefix("file://")).expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
@@ -102,6 +113,37 @@ def check_writable(location: str, key: str, remote: bool = True) -> None:
             f"{key}: {location} cannot be a directory: {existing} is a file; choose another directory"
         )
     _probe_write(existing, location, key)
+
+
+def probe_remote(location: str, key: str) -> None:
+    """Open ``location`` and read its metadata once, within ``PROBE_SECONDS``: an unreachable store
+    or missing credentials fail here, with the store's reason, not minutes into the run."""
+    from .config import ConfigError
+
+    probe = location
+    if location.startswith(("gs://", "gcs://")) and "retry_limit_seconds" not in location:
+        probe += f"{'&' if '?' in location else '?'}retry_limit_seconds={PROBE_SECONDS}"
+    fs, path = open_filesystem(probe, key)
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            fs.get_file_info(path)
+            outcome.append(None)
+        except Exception as err:  # noqa: BLE001 - the store's own reason is what the user needs
+            outcome.append(err)
+
+    thread = threading.Thread(target=read, name="storage-probe", daemon=True)  # a hung read is left behind
+    thread.start()
+    deadline = PROBE_SECONDS * 2
+    thread.join(deadline)
+    if not outcome:
+        raise ConfigError(f"{key}: {location!r} did not answer within {deadline:g} s; check this machine's "
+                          f"network and credentials for it, or use a local path")
+    if outcome[0] is not None:
+        reason = " ".join(str(outcome[0]).split())[:200]
+        raise ConfigError(f"{key}: cannot read {location!r} ({reason}); check this machine's credentials and "
+                          f"network for it, or use a local path")
 
 
 def _probe_write(directory: Path, location: str, key: str) -> None:

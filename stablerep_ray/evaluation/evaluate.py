@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from ..config import ConfigError, EvalConfig
 from ..models.io import MODEL_FILE, load_checked_model, model_file
-from ..storage import open_filesystem, write_json_atomic
+from ..storage import open_filesystem, probe_remote, write_json_atomic
 from .cache import FeatureSet
 from .classifiers import knn_accuracy, linear_probe
 from .datasets import DEFAULT_TEST_FRACTION, LabelledImages, align_classes, hold_out, load_eval_split
@@ -110,6 +110,7 @@ def _fetch_model_file(uri: str, directory: Path) -> Path:
     modification time (kept from the source, so the feature cache keys stay valid)."""
     import pyarrow.fs as pafs
 
+    probe_remote(uri, "checkpoint")  # an unreachable store fails in seconds, with its reason
     fs, path = open_filesystem(uri, "checkpoint")
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.Directory:
