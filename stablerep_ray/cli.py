@@ -135,10 +135,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"training: {t.steps} steps x {t.batch_size} images ({config.captions_per_worker_step} captions x "
           f"{config.group_size} per worker step), objective {t.objective}, {describe_lr(config)}")
     console = TrainConsole(config)
-    init_ray(config)
     import ray
 
     try:
+        init_ray(config)
         with console:
             result = fit(config, max_steps=args.max_steps, captions_per_pass=captions_per_pass,
                          progress=console.queue)
