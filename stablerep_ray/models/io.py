@@ -60,10 +60,10 @@ def model_file(checkpoint: str | os.PathLike) -> Path:
         )
     file = path / MODEL_FILE if path.is_dir() else path
     if not file.is_file():
-        raise ConfigError(
-            f"checkpoint {str(checkpoint)!r}: no {MODEL_FILE} found; pass a checkpoint directory "
-            f"written by training (it holds {MODEL_FILE})"
-        )
+        inside = sorted(p.parent for p in path.glob(f"*/{MODEL_FILE}")) if path.is_dir() else []
+        hint = (f"it is a run directory: pass one of its checkpoints, the last is {inside[-1]}" if inside else
+                f"pass a checkpoint directory written by training (it holds {MODEL_FILE})")
+        raise ConfigError(f"checkpoint {str(checkpoint)!r}: no {MODEL_FILE} found; {hint}")
     return file
 
 

@@ -14,7 +14,7 @@ from stablerep_ray.cli import main
 from stablerep_ray.config import ConfigError, load_config
 from stablerep_ray.models import build_model, save_model
 from stablerep_ray.models.export import export_encoder, load_snippet, preprocessing_warning
-from stablerep_ray.models.io import load_checked_model
+from stablerep_ray.models.io import MODEL_FILE, load_checked_model, model_file
 
 # Drops the repository (the editable install's path entry) from sys.path, proves the project cannot be
 # imported, then runs each printed load snippet and saves the features and timm's data config.
@@ -108,3 +108,15 @@ def test_bad_exports_are_one_line_errors(checkpoint, tmp_path, capsys, out, args
     assert len(err) == 1 and expected in err[0], err
     with pytest.raises(ConfigError, match="no model.pt found"):
         export_encoder(tmp_path, tmp_path / "hf")
+
+
+def test_a_run_directory_is_answered_with_its_last_checkpoint(tmp_path):
+    """What people pass first: the run's directory. The error names the checkpoint to pass instead,
+    the last one that holds a model (a torn write holds none)."""
+    for name in ("checkpoint_00000002", "checkpoint_00000010", "checkpoint_00000012"):
+        (tmp_path / "run" / name).mkdir(parents=True)
+    for name in ("checkpoint_00000002", "checkpoint_00000010"):
+        (tmp_path / "run" / name / MODEL_FILE).write_bytes(b"")
+    with pytest.raises(ConfigError, match=rf"no model.pt found; it is a run directory: pass one of its "
+                                          rf"checkpoints, the last is {tmp_path}/run/checkpoint_00000010$"):
+        model_file(tmp_path / "run")
