@@ -219,12 +219,7 @@ class TrainConsole:
         if self.collapsed:
             lines.append(self.collapsed)
         checkpoint = result.checkpoint.path if result.checkpoint else "none"
-        lines += [
-            f"checkpoint: {checkpoint}",
-            f"tensorboard: tensorboard --logdir {config.run_dir / 'tensorboard'}",
-        ]
-        return lines
-
+        return [*lines, f"checkpoint: {checkpoint}", self.tensorboard_line]
 
     def interrupted(self, checkpoint: tuple[str, dict] | None) -> list[str]:
         """What a run stopped before its end (Ctrl-C) prints: how far it got and what rerunning does."""
@@ -237,7 +232,12 @@ class TrainConsole:
         else:
             lines.append(f"checkpoint: none yet (train.checkpoint_every={t.checkpoint_every}); "
                          f"the same command starts over")
-        return [*lines, f"tensorboard: tensorboard --logdir {self.config.run_dir / 'tensorboard'}"]
+        return [*lines, self.tensorboard_line]
+
+    @property
+    def tensorboard_line(self) -> str:
+        """The last line of either ending: the command that shows the run."""
+        return f"tensorboard: tensorboard --logdir {self.config.run_dir / 'tensorboard'}"
 
 
 def echo(line: str) -> None:

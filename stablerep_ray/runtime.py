@@ -281,9 +281,8 @@ def without_noise(lines: list[str], terminated: bool = False) -> tuple[list[str]
 
 def drop_forwarded_noise() -> None:
     """Wrap the driver's printers of forwarded output so ``FORWARDED_NOISE`` lines and SIGTERM stacks
-    are dropped: the
-    dispatcher of worker logs, and the printer the raylet's warnings (published as error messages,
-    such as the worker start-up one) reach directly.
+    are dropped: the dispatcher of worker logs, and the printer the raylet's warnings (published as
+    error messages, such as the worker start-up one) reach directly.
 
     Ray has no public hook for this; both live in ``ray._private``. Where they move in a later Ray,
     nothing is filtered and the lines show, as they did before.

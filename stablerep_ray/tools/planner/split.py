@@ -3,9 +3,9 @@
 Given rates per actor and per worker (``costs`` / ``measure``), this is the stream arithmetic: supply
 and demand in captions/s, the trainer's data-wait, the best split (:func:`best_split`), the warnings
 the CLI prints for a configured split (:func:`check_balance`, :func:`check_call_length`,
-:func:`check_image_use`) and the
-``stablerep-ray plan`` report (:func:`plan`). What an objective feeds the encoder per caption comes
-from its class (``config.group_size``, ``caption_positives``), never from its name.
+:func:`check_image_use`) and the ``stablerep-ray plan`` report (:func:`plan`). What an objective
+feeds the encoder per caption comes from its class (``config.group_size``, ``caption_positives``),
+never from its name.
 """
 
 from __future__ import annotations
@@ -154,7 +154,6 @@ def check_call_length(config: Config, gen_rate: float) -> str | None:
             f"throughput; set generator.captions_per_call >= {suggested} (calls of >= {MIN_CALL_SECONDS:g} s)")
 
 
-# -- the report ----------------------------------------------------------------------------------
 def check_image_use(config: Config) -> str | None:
     """A warning when a sizeable share of the generated images is never trained on, else None.
 
@@ -172,6 +171,7 @@ def check_image_use(config: Config) -> str | None:
             f"stream.reuse to {reuse_needed} or more")
 
 
+# -- the report ----------------------------------------------------------------------------------
 def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
