@@ -127,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     captions_per_pass = preflight(config, args.max_steps)
     from .console import TrainConsole
-    from .runtime import init_ray
+    from .runtime import init_ray, sigterm_as_ctrl_c
     from .training.optim import describe_lr
     from .training.trainer import fit
 
@@ -139,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         init_ray(config)
-        with console:
+        with sigterm_as_ctrl_c(), console:
             result = fit(config, max_steps=args.max_steps, captions_per_pass=captions_per_pass,
                          progress=console.queue)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Ray Train aborts the run, and its ray.get exits
@@ -360,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # train and tune say more; elsewhere (eval, a second Ctrl-C) a line, no traceback
+        print(f"interrupted: stablerep-ray {args.command} stopped before it finished", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

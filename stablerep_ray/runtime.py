@@ -6,9 +6,11 @@ import functools
 import logging
 import os
 import re
+import signal
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -130,6 +132,25 @@ def start_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | No
                  runtime_env=WORKER_SETUP)
     if not verbose():
         drop_forwarded_noise()
+
+
+@contextmanager
+def sigterm_as_ctrl_c():
+    """While active, SIGTERM (``ray job stop``, ``kill``, a scheduler's pre-emption) ends the command as
+    Ctrl-C does: it raises SIGINT, so Ray Train or Tune, whichever handler is installed, stops the run
+    cleanly and the command says where it got to. Python's default would end the process on the spot,
+    silently, with the workers left to Ray's clean-up.
+
+    Enter it after ``ray.init``: Ray's core installs its own SIGTERM handler there, which prints a
+    stack dump before passing the signal on."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 _ADDRESS_HELP = (
@@ -264,7 +285,7 @@ FORWARDED_NOISE = (
 # each was: a header, then stack frames, each also repeated with a logging.cc prefix. Deliberate, and
 # a screen of hex after the summary; frames are dropped only from a process that printed the header.
 SIGTERM_HEADER = "*** SIGTERM received at time="
-STACK_FRAME = re.compile(r"(^|PC: |logging\.cc:\d+: )\s*@\s+0x[0-9a-f]+")
+STACK_FRAME = re.compile(r"(^|PC: |logging\.cc:\d+: )\s*@\s+(0x[0-9a-f]+|\.\.\. and at least \d+ more frames)")
 
 
 def without_noise(lines: list[str], terminated: bool = False) -> tuple[list[str], bool]:

@@ -1,4 +1,5 @@
-"""The command as a terminal runs it: Ctrl-C reaches the whole foreground process group."""
+"""Stopping a command as people do: Ctrl-C in a terminal reaches the whole foreground process group;
+`ray job stop`, `kill` and schedulers send SIGTERM to the process alone."""
 
 import os
 import signal
@@ -6,15 +7,22 @@ import subprocess
 import time
 from pathlib import Path
 
+STOPS = {"ctrl-c": (signal.SIGINT, True), "sigterm": (signal.SIGTERM, False)}
 
-def ctrl_c_once(proc: subprocess.Popen, log: Path, text: str, timeout: float = 600) -> int:
-    """SIGINT to ``proc``'s process group (started with ``start_new_session``) once ``log`` holds
-    ``text``; its exit status. A process that does not stop within 300 s is killed."""
+
+def stop_once(proc: subprocess.Popen, log: Path, text: str, how: str = "ctrl-c", timeout: float = 600) -> int:
+    """Once ``log`` holds ``text``, stop ``proc`` (started with ``start_new_session``) ``how``: "ctrl-c",
+    SIGINT to its process group, or "sigterm", SIGTERM to it alone; its exit status. A process that does
+    not stop within 300 s is killed."""
+    sig, group = STOPS[how]
     try:
         deadline = time.monotonic() + timeout
         while text not in log.read_text(errors="replace") and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGINT)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
         return proc.wait(timeout=300)
     finally:
         if proc.poll() is None:

@@ -54,8 +54,10 @@ def _statuses(data: dict) -> dict[str, str]:
 
 
 class InterruptWatch(logging.Filter):
-    """Notes Tune's end-of-sweep warning that Ctrl-C interrupted it, and drops the warning: its advice
-    (``Tuner.restore`` in Python) has a command-line form, ``--resume``, which ``run_sweep`` prints."""
+    """Tune's two warnings about Ctrl-C (or SIGTERM, ``runtime.sigterm_as_ctrl_c``), in the console's
+    words: the first, when the signal arrives, becomes one plain line; the second, at the end, is noted
+    and dropped, since its advice (``Tuner.restore`` in Python) has a command-line form, ``--resume``,
+    which ``run_sweep`` prints."""
 
     LOGGER = "ray.tune.tune"
 
@@ -64,7 +66,12 @@ class InterruptWatch(logging.Filter):
         self.interrupted = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if "has been interrupted" in record.getMessage():
+        message = record.getMessage()
+        if "Stop signal received" in message:
+            print("stopping: saving the sweep's state and ending its trials (Ctrl-C again skips the save)",
+                  flush=True)
+            return False
+        if "has been interrupted" in message:
             self.interrupted = True
             return False
         return True
@@ -120,7 +127,7 @@ def run_sweep(config: Config, resume: bool = False, captions_per_pass: int | Non
 
     from ..config import dump_config
     from ..console import verbose
-    from ..runtime import cluster_capacity, init_ray
+    from ..runtime import cluster_capacity, init_ray, sigterm_as_ctrl_c
 
     init_ray(config)
     cpus, gpus, where = cluster_capacity()
@@ -177,7 +184,8 @@ def run_sweep(config: Config, resume: bool = False, captions_per_pass: int | Non
     watch = InterruptWatch()
     logging.getLogger(InterruptWatch.LOGGER).addFilter(watch)
     try:
-        results = tuner.fit()
+        with sigterm_as_ctrl_c():
+            results = tuner.fit()
     finally:
         logging.getLogger(InterruptWatch.LOGGER).removeFilter(watch)
     outputs = write_outputs(results, plan)

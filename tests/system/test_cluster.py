@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import secrets
 import subprocess
 import sys
@@ -261,45 +262,61 @@ def test_token_auth_is_enforced(ray_head):
     assert ray_head.request("/api/jobs/")[0] == 200
 
 
-def test_ray_job_submit_train(ray_head, tmp_path):
-    out = tmp_path / "out"
-    # A short caption source: the stream holds at least one full pass of it.
-    captions = tmp_path / "captions.txt"
+def submit_train(head: Head, tmp_path: Path, *overrides: str) -> str:
+    """`ray job submit --no-wait` of jobs/train.py: the quickstart at 16 images a step, on a short caption
+    file, Ray Train's retries off; its submission id."""
+    captions = tmp_path / "captions.txt"  # the stream holds at least one full pass of it
     captions.write_text("".join((ROOT / "data/simulator_captions.txt").read_text().splitlines(True)[:64]))
     submission_id = f"stablerep-test-{secrets.token_hex(4)}"
-    overrides = [
-        "train.steps=4", "train.checkpoint_every=2", "train.log_every=1", "train.warmup_steps=1",
-        "train.batch_size=16", "train.max_failures=0", "generator.captions_per_call=4",
-        "stream.buffer_mb=64", "eval.data=", f"captions.source={captions}",
+    overrides = ("train.batch_size=16", "train.warmup_steps=1", "generator.captions_per_call=4",
+                 "stream.buffer_mb=64", "train.max_failures=0", "eval.data=", f"captions.source={captions}",
+                 *overrides)
+    submit = subprocess.run(
+        [str(RAY), "job", "submit", "--address", head.url, "--submission-id", submission_id,
+         "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--no-wait", "--",
+         "python", "jobs/train.py", "configs/quickstart.yaml",
+         *[arg for item in overrides for arg in ("--set", item)], "--output-dir", str(tmp_path / "out")],
+        cwd=ROOT, env=head.env, capture_output=True, text=True, timeout=120,
+    )
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    return submission_id
+
+
+def job_logs(head: Head, submission_id: str) -> str:
+    return json.loads(head.request(f"/api/jobs/{submission_id}/logs")[1] or "{}").get("logs", "")
+
+
+def stop_job(head: Head, submission_id: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(RAY), "job", "stop", "--address", head.url, submission_id],
+                          env=head.env, capture_output=True, text=True, timeout=120)
+
+
+def wait_for_job(head: Head, submission_id: str, timeout: float, until=lambda logs: False) -> str:
+    """The job's status once it has ended or its log satisfies ``until``; after ``timeout`` the job is
+    stopped and the status says so."""
+    status, deadline = "PENDING", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code, body = head.request(f"/api/jobs/{submission_id}")
+        status = json.loads(body)["status"] if code == 200 else status
+        if status in ("SUCCEEDED", "FAILED", "STOPPED") or until(job_logs(head, submission_id)):
+            return status
+        time.sleep(2)
+    stop_job(head, submission_id)
+    return f"{status} after {timeout:.0f}s (stopped by the test)"
+
+
+def test_ray_job_submit_train(ray_head, tmp_path):
+    out = tmp_path / "out"
+    submission_id = submit_train(
+        ray_head, tmp_path, "train.steps=4", "train.checkpoint_every=2", "train.log_every=1",
         # Train workers go to nodes labelled like cluster.yaml's trainer type (this head is one).
         "train.label_selector={stablerep/role: trainer}",
         # Shared storage (an s3:// bucket on a real cluster): checkpoints and a TensorBoard mirror.
         f"cluster.storage_path={tmp_path / 'storage'}",
-    ]
-    submit = subprocess.run(
-        [str(RAY), "job", "submit", "--address", ray_head.url, "--submission-id", submission_id,
-         "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--no-wait", "--",
-         "python", "jobs/train.py", "configs/quickstart.yaml",
-         *[arg for item in overrides for arg in ("--set", item)], "--output-dir", str(out)],
-        cwd=ROOT, env=ray_head.env, capture_output=True, text=True, timeout=120,
     )
-    assert submit.returncode == 0, submit.stdout + submit.stderr
-
-    status, deadline = "PENDING", time.monotonic() + 210  # ~100 s on an idle 2-core machine
-    try:
-        while time.monotonic() < deadline:
-            code, body = ray_head.request(f"/api/jobs/{submission_id}")
-            if code == 200:
-                status = json.loads(body)["status"]
-                if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-                    break
-            time.sleep(2)
-        logs = json.loads(ray_head.request(f"/api/jobs/{submission_id}/logs")[1] or "{}").get("logs", "")
-        (tmp_path / "job.log").write_text(logs)
-    finally:
-        if status not in ("SUCCEEDED", "FAILED", "STOPPED"):
-            subprocess.run([str(RAY), "job", "stop", "--address", ray_head.url, submission_id],
-                           env=ray_head.env, capture_output=True, timeout=60)
+    status = wait_for_job(ray_head, submission_id, timeout=210)  # ~100 s on an idle 2-core machine
+    logs = job_logs(ray_head, submission_id)
+    (tmp_path / "job.log").write_text(logs)
     assert status == "SUCCEEDED", f"job {status}; last log lines:\n" + "\n".join(logs.splitlines()[-60:])
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -313,3 +330,25 @@ def test_ray_job_submit_train(ray_head, tmp_path):
     mirrored.Reload()
     assert [e.step for e in mirrored.Scalars("loss/total")] == [1, 2, 3, 4]  # step N: after N steps
     assert f"checkpoint: {checkpoints[-1]}" in logs
+
+
+def test_ray_job_stop_ends_the_run_like_ctrl_c(ray_head, tmp_path):
+    """`ray job stop` sends the driver SIGTERM: the job's log ends as a Ctrl-C'd run's console does (where
+    it got to, the checkpoint the same command resumes from), within RAY_JOB_STOP_WAIT_TIME_S, not with
+    a SIGKILL 3 s later and no word."""
+    submission_id = submit_train(ray_head, tmp_path, "train.log_every=2", "train.checkpoint_every=2")
+    status = wait_for_job(ray_head, submission_id, timeout=210, until=lambda logs: "step 4/200" in logs)
+    assert status == "RUNNING", f"job {status}:\n" + job_logs(ray_head, submission_id)[-3000:]
+    t0 = time.monotonic()
+    stop = stop_job(ray_head, submission_id)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    status = wait_for_job(ray_head, submission_id, timeout=90)
+    logs = job_logs(ray_head, submission_id)
+    print(f"stopped in {time.monotonic() - t0:.0f}s\n{logs}")
+    lines = logs.splitlines()
+    assert status == "STOPPED"
+    run_dir = tmp_path / "out" / "quickstart"
+    assert re.fullmatch(r"interrupted after \d+s: last logged step \d+/200", lines[-3]), lines[-3:]
+    assert re.fullmatch(rf"checkpoint: {run_dir}/checkpoint_\d+ \(step \d+\); the same command resumes from it",
+                        lines[-2]), lines[-2]
+    assert "SIGTERM received" not in logs and "Traceback" not in logs

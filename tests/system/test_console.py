@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 from repo import QUICKSTART, ROOT
-from terminal import ctrl_c_once
+from terminal import stop_once
 
 STEPS = 30  # 3 log intervals of 10 steps; kNN at steps 0, 15 and 30
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
@@ -113,7 +113,7 @@ def test_ctrl_c_says_how_far_the_run_got_and_that_the_same_command_resumes(tmp_p
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "stablerep_ray.cli", *args], cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-        rc = ctrl_c_once(proc, log, "step 10/200")
+        rc = stop_once(proc, log, "step 10/200")
     lines = log.read_text(errors="replace").splitlines()
     print("\n".join(["", *lines]))
     assert rc == 130, lines[-20:]

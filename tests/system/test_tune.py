@@ -31,7 +31,7 @@ import pytest
 import yaml
 from local_head import LocalHead, clean_env
 from repo import ROOT
-from terminal import ctrl_c_once
+from terminal import stop_once
 
 from stablerep_ray.config import ConfigError, load_config
 from stablerep_ray.sweep import (
@@ -417,16 +417,18 @@ def test_too_small_for_the_cluster_fails_right_after_connecting(ray_head, tmp_pa
 
 
 @needs_ray
-def test_ctrl_c_ends_the_sweep_with_its_outputs_and_the_resume_command(ray_head, tmp_path):
-    """SIGINT to the driver's process group, as a terminal's Ctrl-C sends it, once trials run: Tune saves
-    its state and stops them; the command writes what it has, says that --resume runs the rest (not
-    Tune's Python advice) and exits with status 130."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_ends_the_sweep_with_its_outputs_and_the_resume_command(how, ray_head, tmp_path):
+    """Once trials run, SIGINT to the driver's process group, as a terminal's Ctrl-C sends it, or SIGTERM
+    to the driver, as `ray job stop` does: Tune saves its state and stops them; the command writes what it
+    has, says that --resume runs the rest (not Tune's Python advice) and exits with status 130."""
     log = tmp_path / "driver.log"
-    rc = ctrl_c_once(_start_sweep(ray_head, tmp_path, log), log, ": started")
+    rc = stop_once(_start_sweep(ray_head, tmp_path, log), log, ": started", how)
     output = log.read_text(errors="replace")
     print(output)
     lines = output.splitlines()
     assert rc == 130, output[-6000:]
+    assert "stopping: saving the sweep's state and ending its trials" in output and "Stop signal" not in output
     assert re.fullmatch(r"interrupted: [0-3] of 4 trials finished; the same command with --resume runs the rest",
                         lines[-1]), lines[-3:]
     assert "Tuner.restore" not in output

@@ -152,3 +152,15 @@ def test_eval_summary():
         "results: /ck/eval/results.json",
         "tensorboard: tensorboard --logdir /ck/eval",
     ]
+
+
+def test_ctrl_c_outside_train_and_tune_is_one_line_and_status_130(monkeypatch, capsys):
+    """eval, export and the like (and a second Ctrl-C in a sweep): no traceback, the shell's status."""
+    from stablerep_ray import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_eval", interrupted)
+    assert cli.main(["eval", "--checkpoint", "run/checkpoint_00000010", "--data", "simulator:color"]) == 130
+    assert capsys.readouterr().err == "interrupted: stablerep-ray eval stopped before it finished\n"

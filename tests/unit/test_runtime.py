@@ -1,6 +1,9 @@
-"""Ray's known console noise is dropped, and nothing else; a cluster address nothing answers at fails fast."""
+"""Ray's known console noise is dropped, and nothing else; a cluster address nothing answers at fails fast;
+SIGTERM stops a run as Ctrl-C does."""
 
 import logging
+import os
+import signal
 import socket
 import threading
 import time
@@ -117,6 +120,8 @@ def test_the_stack_of_a_worker_ended_by_sigterm_goes_and_a_crash_stays():
         dispatcher.emit({"pid": 5, "is_err": True, "lines": [
             f"{prefix}PC: @     0x7fc8c12c668b  (unknown)  __Pyx_InitConstants()",
             f"{prefix}    @     0x7fc8c124ce20        464  __pyx_pymod_exec_lib()",
+            "    @ ... and at least 1 more frames",
+            f"{prefix}    @ ... and at least 3 more frames",
             "a line of its own",
         ]})
         crash = ["*** SIGSEGV received at time=1795919654 on cpu 0 ***",
@@ -196,3 +201,22 @@ def test_the_address_error_names_where_the_address_came_from(monkeypatch):
         runtime.start_ray(address)
     with pytest.raises(ConfigError, match=r"^cluster.address: '10.0.0.1:abc' is not HOST:PORT"):
         runtime.check_reachable("10.0.0.1:abc", "cluster.address")
+
+
+def test_sigterm_reaches_whichever_ctrl_c_handler_is_installed():
+    """``ray job stop`` sends SIGTERM: inside ``sigterm_as_ctrl_c`` it runs the SIGINT handler (Ray Train's or
+    Tune's during a run, else Python's KeyboardInterrupt); outside, the earlier SIGTERM handler is back."""
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+    previous_sigint = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        with runtime.sigterm_as_ctrl_c():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # Python runs signal handlers between bytecodes of the main thread
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
+    assert seen == [signal.SIGINT]
+    with pytest.raises(KeyboardInterrupt), runtime.sigterm_as_ctrl_c():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) is before
