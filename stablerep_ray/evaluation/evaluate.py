@@ -23,7 +23,7 @@ from ..storage import open_filesystem, probe_remote, write_json_atomic
 from .cache import FeatureSet
 from .classifiers import knn_accuracy, linear_probe
 from .datasets import DEFAULT_TEST_FRACTION, LabelledImages, align_classes, hold_out, load_eval_split
-from .features import compute_feature_sets, extract_features
+from .features import Progress, compute_feature_sets, extract_features
 from .specs import check_data_spec, set_names
 
 METHODS = ("knn", "linear", "both")
@@ -210,6 +210,7 @@ def evaluate(
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
     step: int | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint's frozen CLS features with kNN and/or a linear probe.
 
@@ -223,6 +224,7 @@ def evaluate(
     ``device``; both are cached per checkpoint and weight set (``weights``, None: the checkpoint's
     evaluation weights). Writes ``results.json`` and TensorBoard scalars (``eval/knn_top1``,
     ``eval/linear_top1``, ``eval/linear_mean_per_class``) to ``output`` and returns the results dict.
+    ``progress``: see ``compute_feature_sets``.
     """
     if method not in METHODS:
         raise ConfigError(f"method: {method!r} is not one of {', '.join(METHODS)}")
@@ -247,6 +249,7 @@ def evaluate(
             cache=cache,
             cache_dir=cache_dir,
             weights=weights,
+            progress=progress,
         )
     if test_spec is None:
         tr, te = hold_out(sets[0].labels, data)

@@ -4,7 +4,8 @@
 benchmarks, and :func:`compute_feature_sets`, the offline pass. That pass streams each set: Ray Data
 decode tasks turn blocks of ``batch_size`` indexed rows (:mod:`.sources`) into uint8 eval views, and
 a fixed-size actor pool (each actor loads the checkpoint once, on a GPU when given one) turns them into
-features; or, without Ray, the same blocks are decoded and embedded one after another in this process.
+features, executed by a split coordinator actor while this process only collects the features; or,
+without Ray, the same blocks are decoded and embedded one after another in this process.
 Either way memory holds a few blocks and the features, never the set's images. The result is cached
 next to the checkpoint (``features-<hash>.npz``, see :mod:`.cache`), so re-scoring a checkpoint with
 another classifier does not decode or embed anything again.
@@ -17,7 +18,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,9 @@ from .cache import FeatureSet, feature_cache_path, read_cache, write_cache
 from .sources import ImageSource, SourceInfo, index_source, read_rows
 
 log = logging.getLogger(__name__)
+
+#: ``progress(done, total)``: images embedded so far, of the pass's total.
+Progress = Callable[[int, int], None]
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -175,6 +179,7 @@ def _ray_features(
     num_actors: int,
     num_gpus_per_actor: float | None,
     weights: str | None,
+    progress: Progress | None = None,
 ) -> np.ndarray:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -217,11 +222,18 @@ def _ray_features(
                 "weights": weights,
             },
         )
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        done = 0
+        # Executed by a split coordinator actor, not in this process: the actor pool's start-up lines
+        # (ray-project/ray#53727) come forwarded, where runtime.drop_forwarded_noise removes them.
+        (stream,) = ds.streaming_split(1)
+        for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
             feats = batch["features"]
             if out is None:
                 out = np.empty((n, feats.shape[1]), dtype=np.float32)
             out[batch["idx"]] = feats  # Ray Data does not keep row order across actors
+            done += len(feats)
+            if progress:
+                progress(done, n)
     except Exception as err:
         user = _user_error(err)
         if user is None:
@@ -239,14 +251,17 @@ def _local_features(
     image_size: int,
     batch_size: int,
     device: str | torch.device | None,
+    progress: Progress | None = None,
 ) -> np.ndarray:
     """The in-process path: decode a block, embed it, next block; memory holds one block."""
-    parts = [
-        extract_features(model, source.read(image_size, slice(start, start + batch_size)),
-                         image_size, batch_size, device).numpy()
-        for source in sources
-        for start in range(0, len(source), batch_size)
-    ]
+    n, done, parts = sum(len(s) for s in sources), 0, []
+    for source in sources:
+        for start in range(0, len(source), batch_size):
+            parts.append(extract_features(model, source.read(image_size, slice(start, start + batch_size)),
+                                          image_size, batch_size, device).numpy())
+            done += len(parts[-1])
+            if progress:
+                progress(done, n)
     return np.concatenate(parts)
 
 
@@ -274,6 +289,7 @@ def compute_feature_sets(
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
     weights: str | None = None,
+    progress: Progress | None = None,
 ) -> list[FeatureSet]:
     """Features of several labelled sets (data specs) for one checkpoint, cached.
 
@@ -282,6 +298,7 @@ def compute_feature_sets(
     (``pool_size`` reads ``num_actors`` and ``num_gpus_per_actor``), else the model runs in this
     process (``model`` if given, else loaded from the checkpoint; on ``device``, else CUDA when there
     is one). ``weights`` names the checkpoint's weight set (None: the one evaluation uses).
+    ``progress(done, total)`` is called with the images embedded so far, after every block.
     """
     file = model_file(checkpoint)
     image_size = int(image_size or _checkpoint_image_size(file))
@@ -300,13 +317,13 @@ def compute_feature_sets(
     start = time.perf_counter()
     if use_ray:
         feats = _ray_features(
-            file, sources, image_size, batch_size, num_actors, num_gpus_per_actor, weights
+            file, sources, image_size, batch_size, num_actors, num_gpus_per_actor, weights, progress
         )
     else:
         model = model if model is not None else load_checked_model(file, weights)[0]
         if device is not None or torch.cuda.is_available():
             model = model.to(device or "cuda")
-        feats = _local_features(model, sources, image_size, batch_size, device)
+        feats = _local_features(model, sources, image_size, batch_size, device, progress)
     offset = 0
     for i, source in zip(todo, sources, strict=True):
         part = feats[offset : offset + len(source)]

@@ -6,7 +6,14 @@ import pytest
 from repo import QUICKSTART
 
 from stablerep_ray.config import load_config
-from stablerep_ray.console import TrainConsole, collapse_warning, duration, eval_summary, progress_line
+from stablerep_ray.console import (
+    FeatureProgress,
+    TrainConsole,
+    collapse_warning,
+    duration,
+    eval_summary,
+    progress_line,
+)
 
 
 def record(step, start=0, train_s=30.0, knn=None):
@@ -164,3 +171,14 @@ def test_ctrl_c_outside_train_and_tune_is_one_line_and_status_130(monkeypatch, c
     monkeypatch.setattr(cli, "cmd_eval", interrupted)
     assert cli.main(["eval", "--checkpoint", "run/checkpoint_00000010", "--data", "simulator:color"]) == 130
     assert capsys.readouterr().err == "interrupted: stablerep-ray eval stopped before it finished\n"
+
+
+def test_feature_progress_is_a_line_every_15s_with_the_rate_after_start_up(capsys):
+    """A pass of a few seconds prints nothing; a long one a line per 15 s, its rate counted from the first
+    block (the actors' start-up before it does not stretch the ETA), and none once all are in."""
+    now = [100.0]
+    progress = FeatureProgress(clock=lambda: now[0])
+    for t, done in [(130, 1000), (140, 5000), (146, 8000), (160, 15000), (175, 20000)]:
+        now[0] = t
+        progress(done, 20000)
+    assert capsys.readouterr().out.splitlines() == ["features: 8,000/20,000 images  438 img/s  eta 27s"]
