@@ -175,7 +175,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .console import FeatureProgress, eval_summary
+    from .console import EvalProgress, eval_summary
     from .evaluation import evaluate
     from .runtime import configure_data_context
 
@@ -184,7 +184,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                  "max_images": args.max_images}
     results = evaluate(args.checkpoint, args.data, method=args.method, output=args.output, overrides=overrides,
                        use_ray=not args.in_process, num_actors=args.num_actors, num_gpus_per_actor=args.num_gpus,
-                       weights=args.weights, progress=FeatureProgress())
+                       weights=args.weights, progress=EvalProgress())
     for line in eval_summary(results):
         print(line)
     return 0

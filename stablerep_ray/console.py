@@ -250,27 +250,37 @@ def echo(line: str) -> None:
         print(line, flush=True)
 
 
-class FeatureProgress:
-    """``eval``'s line while it embeds a set: ``features: 4,096/24,000 images  410 img/s  eta 44s``, at
-    most one every ``every_s`` seconds (a pass of a few seconds prints none). The rate counts from the
-    first block, so the actors' start-up does not stretch the ETA."""
+class EvalProgress:
+    """``eval``'s lines while it works, per stage: ``features: 4,096/24,000 images  410 img/s  eta 44s``
+    while it embeds the sets, ``linear probe: 3/8 fits  eta 2m10s`` while it fits the probe. At most one
+    line every ``every_s`` seconds a stage, so a stage of a few seconds prints none. Rates count from a
+    stage's first call (for the features, the first block: the actors' start-up does not stretch the ETA)."""
+
+    #: stage -> (what it counts, its rate's unit; None: a rate per second too slow to be worth a figure)
+    UNITS = {"features": ("images", "img/s"), "linear probe": ("fits", None)}
 
     def __init__(self, every_s: float = 15.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.every_s, self.clock = every_s, clock
-        self.first: tuple[float, int] | None = None  # (time, images) at the first block
-        self.last_line = 0.0
+        self.first: dict[str, tuple[float, int]] = {}  # stage -> (time, done) at its first call
+        self.last_line: dict[str, float] = {}
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int) -> None:
         now = self.clock()
-        if self.first is None:
-            self.first, self.last_line = (now, done), now
+        if stage not in self.first:
+            self.first[stage], self.last_line[stage] = (now, done), now
             return
-        if done >= total or now - self.last_line < self.every_s:
+        if done >= total or now - self.last_line[stage] < self.every_s:
             return
-        self.last_line = now
-        rate = (done - self.first[1]) / max(now - self.first[0], 1e-9)
-        eta = f"  eta {duration((total - done) / rate)}" if rate > 0 else ""
-        print(f"features: {done:,}/{total:,} images  {rate:.0f} img/s{eta}", flush=True)
+        self.last_line[stage] = now
+        since, done_then = self.first[stage]
+        rate = (done - done_then) / max(now - since, 1e-9)
+        counted, rate_unit = self.UNITS[stage]
+        parts = [f"{stage}: {done:,}/{total:,} {counted}"]
+        if rate_unit:
+            parts.append(f"{rate:.0f} {rate_unit}")
+        if rate > 0:
+            parts.append(f"eta {duration((total - done) / rate)}")
+        print("  ".join(parts), flush=True)
 
 
 def eval_summary(results: dict[str, Any]) -> list[str]:

@@ -7,10 +7,11 @@ online curve of the same run are measured the same way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,8 +161,11 @@ def _with_overrides(config: EvalConfig, overrides: dict[str, Any] | None) -> Eva
     return config
 
 
-def _score(train: FeatureSet, test: FeatureSet, method: str, config: EvalConfig):
-    """(metrics, details) of the kNN and/or the linear probe on (train, test) features."""
+def _score(
+    train: FeatureSet, test: FeatureSet, method: str, config: EvalConfig, probe_progress: Progress | None = None
+):
+    """(metrics, details) of the kNN and/or the linear probe on (train, test) features; ``probe_progress``:
+    see ``linear_probe``."""
     metrics: dict[str, float] = {}
     details: dict[str, Any] = {}
     if method in ("knn", "both"):
@@ -175,7 +179,7 @@ def _score(train: FeatureSet, test: FeatureSet, method: str, config: EvalConfig)
             len(train.class_names),
         )
     if method in ("linear", "both"):
-        probe = linear_probe(train.features, train.labels, test.features, test.labels)
+        probe = linear_probe(train.features, train.labels, test.features, test.labels, progress=probe_progress)
         metrics["linear_top1"] = probe["top1"]
         metrics["linear_mean_per_class"] = probe["mean_per_class"]
         metrics["linear_C"] = probe["C"]
@@ -210,7 +214,7 @@ def evaluate(
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
     step: int | None = None,
-    progress: Progress | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint's frozen CLS features with kNN and/or a linear probe.
 
@@ -224,7 +228,8 @@ def evaluate(
     ``device``; both are cached per checkpoint and weight set (``weights``, None: the checkpoint's
     evaluation weights). Writes ``results.json`` and TensorBoard scalars (``eval/knn_top1``,
     ``eval/linear_top1``, ``eval/linear_mean_per_class``) to ``output`` and returns the results dict.
-    ``progress``: see ``compute_feature_sets``.
+    ``progress(stage, done, total)`` hears how far the stages have got: ``"features"`` in images (see
+    ``compute_feature_sets``), ``"linear probe"`` in fits (see ``linear_probe``).
     """
     if method not in METHODS:
         raise ConfigError(f"method: {method!r} is not one of {', '.join(METHODS)}")
@@ -249,14 +254,15 @@ def evaluate(
             cache=cache,
             cache_dir=cache_dir,
             weights=weights,
-            progress=progress,
+            progress=functools.partial(progress, "features") if progress else None,
         )
     if test_spec is None:
         tr, te = hold_out(sets[0].labels, data)
         train, test = sets[0].subset(tr), sets[0].subset(te)
     else:
         train, test = sets[0], align_classes(sets[0].class_names, sets[1], test_spec)
-    metrics, details = _score(train, test, method, config)
+    stage = functools.partial(progress, "linear probe") if progress else None
+    metrics, details = _score(train, test, method, config, stage)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     held_out = f"stratified {DEFAULT_TEST_FRACTION:g} split, seed 0"

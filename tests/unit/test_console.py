@@ -7,7 +7,7 @@ from repo import QUICKSTART
 
 from stablerep_ray.config import load_config
 from stablerep_ray.console import (
-    FeatureProgress,
+    EvalProgress,
     TrainConsole,
     collapse_warning,
     duration,
@@ -173,12 +173,18 @@ def test_ctrl_c_outside_train_and_tune_is_one_line_and_status_130(monkeypatch, c
     assert capsys.readouterr().err == "interrupted: stablerep-ray eval stopped before it finished\n"
 
 
-def test_feature_progress_is_a_line_every_15s_with_the_rate_after_start_up(capsys):
-    """A pass of a few seconds prints nothing; a long one a line per 15 s, its rate counted from the first
-    block (the actors' start-up before it does not stretch the ETA), and none once all are in."""
+def test_eval_progress_is_a_line_every_15s_a_stage_with_the_rate_after_start_up(capsys):
+    """A stage of a few seconds prints nothing; a long one a line per 15 s, its rate counted from its first
+    call (for the features, the first block: the actors' start-up does not stretch the ETA), none once done."""
     now = [100.0]
-    progress = FeatureProgress(clock=lambda: now[0])
+    progress = EvalProgress(clock=lambda: now[0])
     for t, done in [(130, 1000), (140, 5000), (146, 8000), (160, 15000), (175, 20000)]:
         now[0] = t
-        progress(done, 20000)
-    assert capsys.readouterr().out.splitlines() == ["features: 8,000/20,000 images  438 img/s  eta 27s"]
+        progress("features", done, 20000)
+    for t, fits in [(175, 0), (185, 1), (235, 2), (248, 3), (260, 8)]:
+        now[0] = t
+        progress("linear probe", fits, 8)
+    assert capsys.readouterr().out.splitlines() == [
+        "features: 8,000/20,000 images  438 img/s  eta 27s",
+        "linear probe: 2/8 fits  eta 3m00s",  # 2 fits in 60 s: 6 more take 180 s
+    ]

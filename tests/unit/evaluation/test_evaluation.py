@@ -289,10 +289,13 @@ def test_linear_probe_on_digits_pixels():
 
     X, y = load_digits(return_X_y=True)
     Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, random_state=0)
-    result = ev.linear_probe(Xtr, ytr, Xte, yte)
+    heard = []
+    result = ev.linear_probe(Xtr, ytr, Xte, yte, progress=lambda done, total: heard.append((done, total)))
     assert result["top1"] >= 0.95, result
     assert result["mean_per_class"] >= 0.95
     assert result["C"] in ev.DEFAULT_C_GRID and len(result["val_top1"]) == len(ev.DEFAULT_C_GRID)
+    fits = len(ev.DEFAULT_C_GRID) + 1  # one per C on the validation split, then the refit on all of train
+    assert heard == [(done, fits) for done in range(fits + 1)]
 
 
 # ------------------------------------------------------------------------------------- features
