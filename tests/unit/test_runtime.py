@@ -208,15 +208,17 @@ def test_sigterm_reaches_whichever_ctrl_c_handler_is_installed():
     Tune's during a run, else Python's KeyboardInterrupt); outside, the earlier SIGTERM handler is back."""
     before = signal.getsignal(signal.SIGTERM)
     seen = []
+    # set both ways here: an in-process fit earlier in the session leaves Ray Train's handler installed
     previous_sigint = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
     try:
         with runtime.sigterm_as_ctrl_c():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.2)  # Python runs signal handlers between bytecodes of the main thread
+        assert seen == [signal.SIGINT]
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with pytest.raises(KeyboardInterrupt), runtime.sigterm_as_ctrl_c():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
     finally:
         signal.signal(signal.SIGINT, previous_sigint)
-    assert seen == [signal.SIGINT]
-    with pytest.raises(KeyboardInterrupt), runtime.sigterm_as_ctrl_c():
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)
     assert signal.getsignal(signal.SIGTERM) is before
