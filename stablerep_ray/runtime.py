@@ -138,11 +138,11 @@ def start_ray(address: str = "", num_cpus: int | None = None, num_gpus: int | No
 def sigterm_as_ctrl_c():
     """While active, SIGTERM (``ray job stop``, ``kill``, a scheduler's pre-emption) ends the command as
     Ctrl-C does: it raises SIGINT, so Ray Train or Tune, whichever handler is installed, stops the run
-    cleanly and the command says where it got to. Python's default would end the process on the spot,
-    silently, with the workers left to Ray's clean-up.
+    cleanly and the command says where it got to. The handler it replaces is the one ``ray.init`` sets
+    in a driver, ``sys.exit(15)``: Ray Train's abort and Tune's save never ran, and the C++ handler
+    Ray's core installs beside it printed a stack dump first.
 
-    Enter it after ``ray.init``: Ray's core installs its own SIGTERM handler there, which prints a
-    stack dump before passing the signal on."""
+    Enter it after ``ray.init``, which would otherwise replace it."""
     if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
         yield
         return
