@@ -13,7 +13,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import yaml
@@ -30,12 +30,21 @@ class TrialEvents(ray_tune.Callback):
     """Tune callback on the sweep driver: one line per trial start, report, end or failure, in place of
     Tune's periodic status tables."""
 
+    # Trial id -> Tune status of the trials not ended at the last loop step, taken before Tune's cleanup
+    # marks every live trial TERMINATED: after Ctrl-C, the trials it interrupted (not those the scheduler
+    # stopped). On the class: on --resume Tune runs an unpickled copy of the callback, not this instance.
+    unfinished: ClassVar[dict[str, str]] = {}
+
     def __init__(self, plan: SweepPlan):
         self.metric, self.steps = plan.config.tune.metric, plan.steps
         self.started = time.monotonic()
 
     def setup(self, **info) -> None:  # also on --resume, in the new driver
         self.started = time.monotonic()
+        TrialEvents.unfinished = {}
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        TrialEvents.unfinished = {t.trial_id: t.status for t in trials if t.status not in ("TERMINATED", "ERROR")}
 
     def _say(self, trial, text: str) -> None:
         print(f"[{duration(time.monotonic() - self.started)}] trial {trial_dirname(trial.trial_id, trial.config)}: "
@@ -64,8 +73,19 @@ def _point_key(row: dict, keys: list[str]) -> tuple:
     return tuple(row.get(k) for k in keys)
 
 
-def collect_rows(results, plan: SweepPlan) -> list[dict[str, Any]]:
-    """One row per trial: params, seed, final metric, steps, status."""
+def _status(error, trial_id: str, step: int, plan: SweepPlan, interrupted: dict[str, str]) -> str:
+    if error:
+        return "error"
+    if step >= plan.steps:
+        return "completed"
+    if trial_id in interrupted:
+        return "not started" if interrupted[trial_id] == "PENDING" and not step else "interrupted"
+    return "stopped"  # by the scheduler (ASHA)
+
+
+def collect_rows(results, plan: SweepPlan, interrupted: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One row per trial: params, seed, final metric, steps, status: completed, stopped (by the
+    scheduler), error, or for the trials in ``interrupted`` (id -> Tune status) interrupted / not started."""
     tc, metric = plan.config.tune, plan.config.tune.metric
     keys = plan.point_keys
     rows = []
@@ -74,7 +94,7 @@ def collect_rows(results, plan: SweepPlan) -> list[dict[str, Any]]:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name.split("-", 1)[0]
         step = int(metrics.get("step", 0) or 0)
-        status = "error" if result.error else ("completed" if step >= plan.steps else "stopped")
+        status = _status(result.error, trial_id, step, plan, interrupted or {})
         history = None
         try:
             frame = result.metrics_dataframe
@@ -214,8 +234,9 @@ class SweepOutputs:
     interrupted: bool = False  # stopped by Ctrl-C: the rest runs with --resume
 
 
-def write_outputs(results, plan: SweepPlan) -> SweepOutputs:
-    rows = collect_rows(results, plan)
+def write_outputs(results, plan: SweepPlan, interrupted: dict[str, str] | None = None) -> SweepOutputs:
+    """``interrupted``: the trials a Ctrl-C ended, id -> Tune status (``TrialEvents.unfinished``)."""
+    rows = collect_rows(results, plan, interrupted)
     summary = summarize(rows, plan)
     out = plan.sweep_dir
     results_csv, summary_csv = out / "results.csv", out / "summary.csv"

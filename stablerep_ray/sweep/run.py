@@ -188,7 +188,7 @@ def run_sweep(config: Config, resume: bool = False, captions_per_pass: int | Non
             results = tuner.fit()
     finally:
         logging.getLogger(InterruptWatch.LOGGER).removeFilter(watch)
-    outputs = write_outputs(results, plan)
+    outputs = write_outputs(results, plan, TrialEvents.unfinished if watch.interrupted else None)
     outputs.interrupted = watch.interrupted
     import ray
 

@@ -6,7 +6,7 @@ from repo import ROOT
 
 from stablerep_ray.config import load_config
 from stablerep_ray.sweep import SEED, plan_sweep
-from stablerep_ray.sweep.report import SweepOutputs, TrialEvents, print_outputs
+from stablerep_ray.sweep.report import SweepOutputs, TrialEvents, collect_rows, print_outputs
 
 SWEEP = ROOT / "configs" / "sweep-quickstart.yaml"
 
@@ -56,3 +56,29 @@ def test_final_table_lines_up_the_points(tmp_path, monkeypatch, capsys):
         "  1.0             2                 0.6100 +- 0.0120             2      2/2",
         "  8.0             4                 n/a                          0      0/2",
     ]
+
+
+def test_interrupted_trials_are_told_apart_from_scheduler_stops(tmp_path, monkeypatch):
+    """After Ctrl-C the trials Tune had not ended read interrupted (or not started), so the table does not
+    pass them off as ASHA's decisions; TrialEvents takes their ids at each loop step."""
+    monkeypatch.chdir(ROOT)
+    plan = plan_sweep(load_config(SWEEP, [f"output_dir={tmp_path}"]))
+    events = TrialEvents(plan)
+    events.setup()
+    live = [SimpleNamespace(trial_id=i, status=s) for i, s in
+            (("done", "TERMINATED"), ("asha", "TERMINATED"), ("running", "RUNNING"), ("queued", "PENDING"),
+             ("failed", "ERROR"))]
+    events.on_step_end(3, live)
+    assert TrialEvents.unfinished == {"running": "RUNNING", "queued": "PENDING"}
+
+    def result(trial_id, step, error=None):
+        params = {"generator.guidance_scale": 2.0, "stream.images_per_group": 2, SEED: 0}
+        return SimpleNamespace(config=params, metrics={"trial_id": trial_id, "step": step} if step else {},
+                               metrics_dataframe=None, path=str(tmp_path / f"{trial_id}-x"), error=error)
+
+    results = [result("done", plan.steps), result("asha", 50), result("running", 0), result("queued", 0),
+               result("failed", 50, RuntimeError("boom"))]
+    rows = {r["trial_id"]: r["status"] for r in collect_rows(results, plan, TrialEvents.unfinished)}
+    assert rows == {"done": "completed", "asha": "stopped", "running": "interrupted", "queued": "not started",
+                    "failed": "error"}
+    assert collect_rows(results, plan)[2]["status"] == "stopped"  # not interrupted: the scheduler's stop
