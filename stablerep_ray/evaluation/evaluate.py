@@ -88,19 +88,20 @@ class OnlineKNN:
 def _ray_session(use_ray: bool | None) -> Iterator[bool]:
     """Whether features come from the Ray actor pool: ``None`` uses Ray when it is already up;
     ``True`` joins the cluster at ``RAY_ADDRESS`` or starts a local Ray when none is up (and
-    disconnects afterwards)."""
+    disconnects afterwards; meanwhile SIGTERM, e.g. ``ray job stop``, ends it as Ctrl-C does)."""
     if use_ray is False:
         yield False
         return
     import ray
 
+    from ..runtime import sigterm_as_ctrl_c, start_ray
+
     started = bool(use_ray) and not ray.is_initialized()
     if started:
-        from ..runtime import start_ray
-
         start_ray(os.environ.get("RAY_ADDRESS", ""))
     try:
-        yield ray.is_initialized()
+        with sigterm_as_ctrl_c() if started else contextlib.nullcontext():
+            yield ray.is_initialized()
     finally:
         if started:
             ray.shutdown()

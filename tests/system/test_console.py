@@ -129,3 +129,23 @@ def test_ctrl_c_says_how_far_the_run_got_and_that_the_same_command_resumes(tmp_p
     monkeypatch.chdir(ROOT)
     resume = check_resume(load_config(QUICKSTART, [f"output_dir={tmp_path}", *overrides]))
     assert (resume.checkpoint, resume.step) == (checkpoint[1], int(checkpoint[3]))
+
+
+def test_sigterm_ends_eval_through_ray_like_ctrl_c(run, tmp_path):
+    """SIGTERM to the eval driver while features stream through Ray, as `ray job stop` sends it: one line
+    and status 130, as for Ctrl-C, in place of Ray's exit with status 15 and its C++ stack dump."""
+    assert run.rc == 0
+    log = tmp_path / "eval.log"
+    checkpoint = run.run_dir / f"checkpoint_{STEPS:08d}"
+    args = ["eval", "--checkpoint", str(checkpoint), "--data", "simulator:color:1000", "--output", str(tmp_path)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "stablerep_ray.cli", *args], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        rc = stop_once(proc, log, "features: ", how="sigterm")
+    lines = log.read_text(errors="replace").splitlines()
+    print("\n".join(["", *lines]))
+    assert rc == 130, lines[-20:]
+    assert lines[-1] == "interrupted: stablerep-ray eval stopped before it finished", lines[-5:]
+    assert not [line for line in lines if "SIGTERM" in line or "Traceback" in line], lines
+    assert re.fullmatch(r"features: [\d,]+/16,000 images .*", lines[0]), lines
+    assert not (tmp_path / "results.json").exists()
