@@ -295,7 +295,8 @@ def eval_summary(results: dict[str, Any]) -> list[str]:
         f"eval: {scores}",
         f"  {results['num_train']:,} train / {results['num_test']:,} test images, {results['num_classes']} "
         f"classes ({results['test_data']}); kNN k={knn.get('k')}, T={knn.get('temperature')}; features "
-        f"{results['features_via']}{', cached' if cache.get('hit') else ''}; {duration(results['seconds'])}",
+        f"{results['features_via']}{', cached' if cache.get('hit') else ''}; classifiers on "
+        f"{results.get('classifiers_on', 'cpu')}; {duration(results['seconds'])}",
         f"results: {results['output']}/results.json",
         f"tensorboard: tensorboard --logdir {results['output']}",
     ]

@@ -163,24 +163,31 @@ def _with_overrides(config: EvalConfig, overrides: dict[str, Any] | None) -> Eva
 
 
 def _score(
-    train: FeatureSet, test: FeatureSet, method: str, config: EvalConfig, probe_progress: Progress | None = None
+    train: FeatureSet,
+    test: FeatureSet,
+    method: str,
+    config: EvalConfig,
+    device: torch.device,
+    probe_progress: Progress | None = None,
 ):
-    """(metrics, details) of the kNN and/or the linear probe on (train, test) features; ``probe_progress``:
-    see ``linear_probe``."""
+    """(metrics, details) of the kNN and/or the linear probe on (train, test) features, computed on
+    ``device``; ``probe_progress``: see ``linear_probe``."""
     metrics: dict[str, float] = {}
     details: dict[str, Any] = {}
+    train_features, test_features = (torch.as_tensor(s.features).to(device) for s in (train, test))
     if method in ("knn", "both"):
         metrics["knn_top1"] = knn_accuracy(
-            train.features,
+            train_features,
             train.labels,
-            test.features,
+            test_features,
             test.labels,
             config.knn_k,
             config.knn_temperature,
             len(train.class_names),
         )
     if method in ("linear", "both"):
-        probe = linear_probe(train.features, train.labels, test.features, test.labels, progress=probe_progress)
+        probe = linear_probe(train_features, train.labels, test_features, test.labels, progress=probe_progress,
+                             device=device)
         metrics["linear_top1"] = probe["top1"]
         metrics["linear_mean_per_class"] = probe["mean_per_class"]
         metrics["linear_C"] = probe["C"]
@@ -227,7 +234,8 @@ def evaluate(
     through the Ray Data pipeline (``num_actors`` actors, ``num_gpus_per_actor`` GPUs each; see
     ``pool_size``) when ``use_ray`` (default: whether Ray is initialised), else in-process on
     ``device``; both are cached per checkpoint and weight set (``weights``, None: the checkpoint's
-    evaluation weights). Writes ``results.json`` and TensorBoard scalars (``eval/knn_top1``,
+    evaluation weights). The kNN and the probe run in this process, on ``device`` (default: its GPU
+    if it has one, else the CPU). Writes ``results.json`` and TensorBoard scalars (``eval/knn_top1``,
     ``eval/linear_top1``, ``eval/linear_mean_per_class``) to ``output`` and returns the results dict.
     ``progress(stage, done, total)`` hears how far the stages have got: ``"features"`` in images (see
     ``compute_feature_sets``), ``"linear probe"`` in fits (see ``linear_probe``).
@@ -263,7 +271,8 @@ def evaluate(
     else:
         train, test = sets[0], align_classes(sets[0].class_names, sets[1], test_spec)
     stage = functools.partial(progress, "linear probe") if progress else None
-    metrics, details = _score(train, test, method, config, stage)
+    scorer = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    metrics, details = _score(train, test, method, config, scorer, stage)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     held_out = f"stratified {DEFAULT_TEST_FRACTION:g} split, seed 0"
@@ -287,6 +296,7 @@ def evaluate(
             "hit": bool(train.cached and test.cached),
         },
         "features_via": "ray" if use_ray else "in-process",
+        "classifiers_on": scorer.type,
         "step": step,
         "seconds": round(time.perf_counter() - started, 3),
         **details,

@@ -296,6 +296,39 @@ def test_linear_probe_on_digits_pixels():
     assert result["C"] in ev.DEFAULT_C_GRID and len(result["val_top1"]) == len(ev.DEFAULT_C_GRID)
     fits = len(ev.DEFAULT_C_GRID) + 1  # one per C on the validation split, then the refit on all of train
     assert heard == [(done, fits) for done in range(fits + 1)]
+    assert result["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("C", [1e-3, 1.0, 100.0])
+def test_linear_probe_fits_scikit_learns_logistic_regression(C):
+    """The torch probe minimises LogisticRegression's objective (C means the same): at one C, on
+    standardised digits, the two predict alike and their losses agree."""
+    import warnings
+
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from stablerep_ray.evaluation.classifiers import _fit_logistic
+
+    X, y = load_digits(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = LogisticRegression(C=C, max_iter=5000, tol=1e-8).fit(X, y)
+    W, b = _fit_logistic(torch.from_numpy(X).float(), torch.from_numpy(y), 10, C, max_iter=5000, tol=1e-7)
+    logits = torch.from_numpy(X).float() @ W + b
+
+    def objective(logits, W):  # mean cross-entropy + ||W||^2 / (2 C n)
+        logits, W = torch.as_tensor(logits).double(), torch.as_tensor(W).double()
+        penalty = W.square().sum() / (2 * C * len(y))
+        return float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)) + penalty)
+
+    ours = objective(logits, W)
+    theirs = objective(reference.decision_function(X), reference.coef_.T)
+    assert ours == pytest.approx(theirs, rel=2e-3, abs=1e-4)
+    agree = float(np.mean(logits.argmax(1).numpy() == reference.predict(X)))
+    assert agree >= 0.99, agree
 
 
 # ------------------------------------------------------------------------------------- features
