@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per decode block and forward batch (eval.batch_size)")
     p.add_argument("--max-images", type=int, help="class-balanced cap per set, 0: all (eval.max_images)")
     p.add_argument("--num-actors", type=int, default=0,
-                   help="feature actors (default: one per GPU, else half the CPUs)")
+                   help="feature actors (default: one per free GPU, else half the free CPUs)")
     p.add_argument("--num-gpus", type=float, help="GPUs per feature actor (default: 1 if the cluster has GPUs, else 0)")
     p.add_argument("--weights", help="weight set of the checkpoint: 'model' (the trained network) or an extra "
                    "one such as SynCLR's 'teacher' (default: the one the objective reports)")

@@ -146,12 +146,13 @@ def _manifest(sources: Sequence[ImageSource], rows: int) -> list:
 
 def pool_size(num_actors: int, num_gpus_per_actor: float | None) -> tuple[int, float]:
     """(actors, GPUs each) for the connected cluster: ``num_gpus_per_actor`` None takes 1 GPU per
-    actor when the cluster has GPUs, else 0; ``num_actors`` 0 takes one actor per GPU share (decode
-    tasks run on the CPUs), or half the CPUs without GPUs (Ray Data then fuses decoding into the
-    actors, whose resources equal a decode task's)."""
+    actor when the cluster has GPUs, else 0; ``num_actors`` 0 takes one actor per free GPU share
+    (decode tasks run on the CPUs), or half the free CPUs without GPUs (Ray Data then fuses decoding
+    into the actors, whose resources equal a decode task's). Free, not total: an actor sized for a
+    GPU that this job's driver (``--entrypoint-num-gpus``) or another run holds would only wait."""
     import ray
 
-    resources = ray.cluster_resources()
+    resources, free = ray.cluster_resources(), ray.available_resources()
     have = resources.get("GPU", 0)
     gpus = (1.0 if have else 0.0) if num_gpus_per_actor is None else float(num_gpus_per_actor)
     if gpus > have:
@@ -160,7 +161,7 @@ def pool_size(num_actors: int, num_gpus_per_actor: float | None) -> tuple[int, f
             f"extraction on CPUs)"
         )
     if not num_actors:
-        num_actors = int(have // gpus) if gpus else int(resources.get("CPU", 1) // 2)
+        num_actors = int(free.get("GPU", 0) // gpus) if gpus else int(free.get("CPU", 1) // 2)
     return max(1, num_actors), gpus
 
 

@@ -332,6 +332,26 @@ def test_linear_probe_fits_scikit_learns_logistic_regression(C):
 
 
 # ------------------------------------------------------------------------------------- features
+@pytest.mark.parametrize(
+    "total, free, asked, expected",
+    [
+        ({"CPU": 16, "GPU": 8}, {"CPU": 16, "GPU": 8}, (0, None), (8, 1.0)),
+        # a job submitted with --entrypoint-num-gpus 1: its driver holds one GPU, the pool takes the rest
+        ({"CPU": 16, "GPU": 8}, {"CPU": 15, "GPU": 7}, (0, None), (7, 1.0)),
+        ({"CPU": 16, "GPU": 8}, {"CPU": 16, "GPU": 8}, (0, 0.5), (16, 0.5)),
+        ({"CPU": 16, "GPU": 8}, {"CPU": 16, "GPU": 0}, (0, None), (1, 1.0)),  # all busy: one actor waits
+        ({"CPU": 16, "GPU": 8}, {"CPU": 16, "GPU": 7}, (3, None), (3, 1.0)),  # asked for: as asked
+        ({"CPU": 8}, {"CPU": 6}, (0, None), (3, 0.0)),  # no GPUs: half the free CPUs
+    ],
+)
+def test_feature_pool_is_sized_to_the_free_gpus(monkeypatch, total, free, asked, expected):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: total)
+    monkeypatch.setattr(ray, "available_resources", lambda: free)
+    assert ev_features.pool_size(*asked) == expected
+
+
 def test_extract_features_matches_model_and_restores_mode():
     from stablerep_ray.augment.batch import eval_transform
 
