@@ -287,8 +287,9 @@ def eval_summary(results: dict[str, Any]) -> list[str]:
     """What ``stablerep-ray eval`` prints: the scores, what they were measured on, and where they went."""
     metrics = results.get("metrics", {})
     knn = results.get("knn", {})
-    scores = "  ".join(
-        f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}" for name, value in metrics.items()
+    scores = "  ".join(  # accuracies to 4 decimals; the probe's C as chosen from its grid (1e-04 .. 100)
+        f"{name} {value:g}" if name == "linear_C" else f"{name} {value:.4f}" if isinstance(value, float)
+        else f"{name} {value}" for name, value in metrics.items()
     )
     cache = results.get("feature_cache", {})
     return [

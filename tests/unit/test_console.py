@@ -148,13 +148,13 @@ def test_summary_of_a_run_that_had_nothing_left_to_do(tmp_path):
 
 def test_eval_summary():
     results = {
-        "metrics": {"knn_top1": 0.8375, "linear_top1": 0.9}, "knn": {"k": 20, "temperature": 0.07},
+        "metrics": {"knn_top1": 0.8375, "linear_top1": 0.9, "linear_C": 100.0}, "knn": {"k": 20, "temperature": 0.07},
         "num_train": 800, "num_test": 800, "num_classes": 8, "test_data": "simulator:color:test",
         "features_via": "in-process", "feature_cache": {"hit": True}, "classifiers_on": "cuda", "seconds": 12.3,
         "output": "/ck/eval",
     }
     assert eval_summary(results) == [
-        "eval: knn_top1 0.8375  linear_top1 0.9000",
+        "eval: knn_top1 0.8375  linear_top1 0.9000  linear_C 100",
         "  800 train / 800 test images, 8 classes (simulator:color:test); kNN k=20, T=0.07; features "
         "in-process, cached; classifiers on cuda; 12s",
         "results: /ck/eval/results.json",
