@@ -7,6 +7,8 @@
 # BENCH_TIMEOUT_S (default 540 s):
 #   bash bench/gpu_device.sh                          # = bench.gpu --all
 #   bash bench/gpu_device.sh --quick --options --families pixart    # a narrower rerun
+#   BENCH_MODULE=bench.linear_probe BENCH_TIMEOUT_S=200 bash bench/gpu_device.sh --device cuda \
+#       --no-reference --train 640000 --dim 768 --classes 1000       # another benchmark, same set-up
 # The log and this run's JSON results, finished or partial, are copied to $OUT, also when the run is
 # stopped at BENCH_TIMEOUT_S.
 set -u
@@ -20,9 +22,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import sys, torch, transformers, timm, diffusers, ray; print('python', sys.version.split()[0], \
 'torch', torch.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__, \
 'diffusers', diffusers.__version__, 'ray', ray.__version__)" || exit 2
-[ $# -eq 0 ] && set -- --all
-timeout --signal=INT --kill-after=20 "${BENCH_TIMEOUT_S:-540}" python3 -m bench.gpu "$@" 2>&1 | tee "$out/gpu.log"
+[ $# -eq 0 ] && [ -z "${BENCH_MODULE:-}" ] && set -- --all
+module=${BENCH_MODULE:-bench.gpu}
+timeout --signal=INT --kill-after=20 "${BENCH_TIMEOUT_S:-540}" python3 -m "$module" "$@" 2>&1 \
+    | tee "$out/${module#bench.}.log"
 rc=${PIPESTATUS[0]}
-find bench/results -maxdepth 1 -name 'gpu*.json' -newer "$started" -exec cp {} "$out/" \; 2>/dev/null
-echo "bench.gpu exit $rc; results in $out: $(ls "$out" | tr '\n' ' ')"
+find bench/results -maxdepth 1 -name '*.json' -newer "$started" -exec cp {} "$out/" \; 2>/dev/null
+echo "$module exit $rc; results in $out: $(ls "$out" | tr '\n' ' ')"
 exit "$rc"
