@@ -261,6 +261,23 @@ def test_knn_matches_naive_loop():
         assert np.array_equal(got.numpy(), _naive_knn(train, labels, test, min(k, 30), 0.1, 3))
 
 
+def test_knn_blocks_stay_under_the_memory_cap(monkeypatch):
+    """A large bank gets fewer queries a block (ImageNet's would be 5 GiB at 1,024 queries): here a cap
+    of 90 similarities against a 30-row bank gives blocks of 3 queries, with the same predictions."""
+    from stablerep_ray.evaluation import classifiers
+
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(size=(30, 5)), rng.normal(size=(12, 5))
+    labels = rng.integers(0, 3, size=30)
+    blocks = []
+    matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(classifiers, "KNN_BLOCK_ELEMENTS", 90)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: blocks.append(len(a)) or matmul(a, b))
+    got = ev.knn_classify(train, labels, test, k=5, temperature=0.1, num_classes=3)
+    assert blocks == [3, 3, 3, 3]
+    assert np.array_equal(got.numpy(), _naive_knn(train, labels, test, 5, 0.1, 3))
+
+
 def test_knn_separated_clusters_and_random_labels():
     rng = np.random.default_rng(1)
     centres = rng.normal(size=(10, 64)) * 10
