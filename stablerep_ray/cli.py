@@ -177,14 +177,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .console import EvalProgress, eval_summary
     from .evaluation import evaluate
-    from .runtime import configure_data_context
+    from .runtime import configure_data_context, sigterm_as_ctrl_c
 
     configure_data_context()  # evaluate starts or joins Ray itself (runtime.start_ray), once its checks pass
     overrides = {"knn_k": args.k, "knn_temperature": args.temperature, "batch_size": args.batch_size,
                  "max_images": args.max_images}
-    results = evaluate(args.checkpoint, args.data, method=args.method, output=args.output, overrides=overrides,
-                       use_ray=not args.in_process, num_actors=args.num_actors, num_gpus_per_actor=args.num_gpus,
-                       weights=args.weights, progress=EvalProgress())
+    with sigterm_as_ctrl_c():  # in process, and while the classifiers fit after Ray's part
+        results = evaluate(args.checkpoint, args.data, method=args.method, output=args.output, overrides=overrides,
+                           use_ray=not args.in_process, num_actors=args.num_actors,
+                           num_gpus_per_actor=args.num_gpus, weights=args.weights, progress=EvalProgress())
     for line in eval_summary(results):
         print(line)
     return 0

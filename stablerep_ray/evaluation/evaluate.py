@@ -10,6 +10,8 @@ import contextlib
 import functools
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -88,7 +90,8 @@ class OnlineKNN:
 def _ray_session(use_ray: bool | None) -> Iterator[bool]:
     """Whether features come from the Ray actor pool: ``None`` uses Ray when it is already up;
     ``True`` joins the cluster at ``RAY_ADDRESS`` or starts a local Ray when none is up (and
-    disconnects afterwards; meanwhile SIGTERM, e.g. ``ray job stop``, ends it as Ctrl-C does)."""
+    disconnects afterwards; meanwhile SIGTERM, e.g. ``ray job stop``, ends it as Ctrl-C does, and
+    the SIGTERM handler from before ``ray.init`` is put back after it)."""
     if use_ray is False:
         yield False
         return
@@ -97,6 +100,7 @@ def _ray_session(use_ray: bool | None) -> Iterator[bool]:
     from ..runtime import sigterm_as_ctrl_c, start_ray
 
     started = bool(use_ray) and not ray.is_initialized()
+    before = signal.getsignal(signal.SIGTERM)
     if started:
         start_ray(os.environ.get("RAY_ADDRESS", ""))
     try:
@@ -105,6 +109,8 @@ def _ray_session(use_ray: bool | None) -> Iterator[bool]:
     finally:
         if started:
             ray.shutdown()
+            if threading.current_thread() is threading.main_thread() and before is not None:
+                signal.signal(signal.SIGTERM, before)  # not ray.init's sys.exit(15), for the classifiers
 
 
 def _fetch_model_file(uri: str, directory: Path) -> Path:

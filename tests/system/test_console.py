@@ -131,13 +131,16 @@ def test_ctrl_c_says_how_far_the_run_got_and_that_the_same_command_resumes(tmp_p
     assert (resume.checkpoint, resume.step) == (checkpoint[1], int(checkpoint[3]))
 
 
-def test_sigterm_ends_eval_through_ray_like_ctrl_c(run, tmp_path):
-    """SIGTERM to the eval driver while features stream through Ray, as `ray job stop` sends it: one line
-    and status 130, as for Ctrl-C, in place of Ray's exit with status 15 and its C++ stack dump."""
+@pytest.mark.parametrize("via", ["ray", "in-process"])
+def test_sigterm_ends_eval_like_ctrl_c(via, run, tmp_path):
+    """SIGTERM to the eval driver while features stream, as `ray job stop` sends it: one line and status
+    130, as for Ctrl-C, in place of Ray's exit with status 15 and its C++ stack dump (through Ray) or a
+    silent death by the signal (in process)."""
     assert run.rc == 0
     log = tmp_path / "eval.log"
     checkpoint = run.run_dir / f"checkpoint_{STEPS:08d}"
-    args = ["eval", "--checkpoint", str(checkpoint), "--data", "simulator:color:1000", "--output", str(tmp_path)]
+    args = ["eval", "--checkpoint", str(checkpoint), "--data", "simulator:color:1000", "--output", str(tmp_path),
+            *(["--in-process"] if via == "in-process" else [])]
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "stablerep_ray.cli", *args], cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
