@@ -10,14 +10,16 @@ from pathlib import Path
 STOPS = {"ctrl-c": (signal.SIGINT, True), "sigterm": (signal.SIGTERM, False)}
 
 
-def stop_once(proc: subprocess.Popen, log: Path, text: str, how: str = "ctrl-c", timeout: float = 600) -> int:
-    """Once ``log`` holds ``text``, stop ``proc`` (started with ``start_new_session``) ``how``: "ctrl-c",
-    SIGINT to its process group, or "sigterm", SIGTERM to it alone; its exit status. A process that does
-    not stop within 300 s is killed."""
+def stop_once(proc: subprocess.Popen, log: Path, text: str, how: str = "ctrl-c", timeout: float = 600,
+              ready=lambda: True) -> int:
+    """Once ``log`` holds ``text`` (and ``ready()`` holds), stop ``proc`` (started with
+    ``start_new_session``) ``how``: "ctrl-c", SIGINT to its process group, or "sigterm", SIGTERM to it
+    alone; its exit status. A process that does not stop within 300 s is killed."""
     sig, group = STOPS[how]
     try:
         deadline = time.monotonic() + timeout
-        while text not in log.read_text(errors="replace") and proc.poll() is None and time.monotonic() < deadline:
+        while (not (text in log.read_text(errors="replace") and ready()) and proc.poll() is None
+               and time.monotonic() < deadline):
             time.sleep(0.5)
         if group:
             os.killpg(proc.pid, sig)

@@ -27,6 +27,9 @@ import yaml
 from local_head import RAY, LocalHead, free_ports
 from repo import ROOT
 
+from stablerep_ray.config import load_config
+from stablerep_ray.storage import latest_checkpoint
+
 CLUSTER_FILES = ["cluster.yaml", "cluster-gcp.yaml"]
 RAY_IMAGE = "rayproject/ray:2.60.0-py311-gpu"
 ROLE = "stablerep/role"
@@ -337,7 +340,11 @@ def test_ray_job_stop_ends_the_run_like_ctrl_c(ray_head, tmp_path):
     it got to, the checkpoint the same command resumes from), within RAY_JOB_STOP_WAIT_TIME_S, not with
     a SIGKILL 3 s later and no word."""
     submission_id = submit_train(ray_head, tmp_path, "train.log_every=2", "train.checkpoint_every=2")
-    status = wait_for_job(ray_head, submission_id, timeout=210, until=lambda logs: "step 4/200" in logs)
+    # Train's controller commits a reported checkpoint a poll after the console logs its step: stop once
+    # one is committed, or the (true) ending says "none yet".
+    run = load_config(ROOT / "configs/quickstart.yaml", [f"output_dir={tmp_path / 'out'}"])
+    status = wait_for_job(ray_head, submission_id, timeout=210,
+                          until=lambda logs: "step 4/200" in logs and latest_checkpoint(run) is not None)
     assert status == "RUNNING", f"job {status}:\n" + job_logs(ray_head, submission_id)[-3000:]
     t0 = time.monotonic()
     stop = stop_job(ray_head, submission_id)

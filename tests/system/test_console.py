@@ -109,14 +109,17 @@ def test_ctrl_c_says_how_far_the_run_got_and_that_the_same_command_resumes(tmp_p
     """SIGINT to the command's process group, as a terminal's Ctrl-C sends it: exit status 130 and, in
     place of a traceback or silence, the last step, the last checkpoint and what rerunning does."""
     from stablerep_ray.config import load_config
+    from stablerep_ray.storage import latest_checkpoint
     from stablerep_ray.training.resume import check_resume
 
     log, overrides = tmp_path / "train.log", ["eval.data=", "train.log_every=5", "train.checkpoint_every=5"]
     args = ["train", str(QUICKSTART), "--output-dir", str(tmp_path), *[a for s in overrides for a in ("--set", s)]]
+    config = load_config(QUICKSTART, [f"output_dir={tmp_path}", *overrides])
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "stablerep_ray.cli", *args], cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-        rc = stop_once(proc, log, "step 10/200")
+        # A checkpoint is committed a controller poll after its step is logged: stop once one is.
+        rc = stop_once(proc, log, "step 10/200", ready=lambda: latest_checkpoint(config) is not None)
     lines = log.read_text(errors="replace").splitlines()
     print("\n".join(["", *lines]))
     assert rc == 130, lines[-20:]
@@ -127,7 +130,7 @@ def test_ctrl_c_says_how_far_the_run_got_and_that_the_same_command_resumes(tmp_p
     assert checkpoint and int(checkpoint[2]) == int(checkpoint[3]) >= 5, lines[-2]
     assert lines[-1] == f"tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}"
     monkeypatch.chdir(ROOT)
-    resume = check_resume(load_config(QUICKSTART, [f"output_dir={tmp_path}", *overrides]))
+    resume = check_resume(config)
     assert (resume.checkpoint, resume.step) == (checkpoint[1], int(checkpoint[3]))
 
 

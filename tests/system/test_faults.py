@@ -13,6 +13,7 @@ import torch
 from ray._private.state import actors
 
 from stablerep_ray.config import from_dict
+from stablerep_ray.storage import latest_checkpoint
 from stablerep_ray.tools.simulator import make_captions
 from stablerep_ray.training.checkpoint import TRAINER_STATE_FILE, read_resume_chunk
 from stablerep_ray.training.trainer import fit
@@ -101,11 +102,7 @@ def test_killed_generator_actor_is_replaced_and_the_run_finishes(tmp_path):
 
 def test_killed_train_worker_restores_from_checkpoint_without_gaps(tmp_path):
     config = make_config(tmp_path, "kill-worker")
-    def checkpoint_committed():
-        snapshot = config.run_dir / "checkpoint_manager_snapshot.json"
-        return snapshot.exists() and json.loads(snapshot.read_text()).get("latest_checkpoint_result")
-
-    result, _ = run_with_fault(config, "RayTrainWorker", after=checkpoint_committed)
+    result, _ = run_with_fault(config, "RayTrainWorker", after=lambda: latest_checkpoint(config) is not None)
     state = final_state(result)
     assert state["step"] == 40
     logs = sorted(p.name for p in (config.run_dir / "consumed").glob("*.jsonl"))
