@@ -34,6 +34,9 @@ class TrialEvents(ray_tune.Callback):
     # marks every live trial TERMINATED: after Ctrl-C, the trials it interrupted (not those the scheduler
     # stopped). On the class: on --resume Tune runs an unpickled copy of the callback, not this instance.
     unfinished: ClassVar[dict[str, str]] = {}
+    # Trial id -> its point and seed, for every trial the loop has held: a trial that never reported
+    # (queued when Ctrl-C came, or failed at start-up) has no config in its ray.tune.Result.
+    configs: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, plan: SweepPlan):
         self.metric, self.steps = plan.config.tune.metric, plan.steps
@@ -41,10 +44,11 @@ class TrialEvents(ray_tune.Callback):
 
     def setup(self, **info) -> None:  # also on --resume, in the new driver
         self.started = time.monotonic()
-        TrialEvents.unfinished = {}
+        TrialEvents.unfinished, TrialEvents.configs = {}, {}
 
     def on_step_end(self, iteration, trials, **info) -> None:
         TrialEvents.unfinished = {t.trial_id: t.status for t in trials if t.status not in ("TERMINATED", "ERROR")}
+        TrialEvents.configs = {t.trial_id: t.config for t in trials}
 
     def _say(self, trial, text: str) -> None:
         print(f"[{duration(time.monotonic() - self.started)}] trial {trial_dirname(trial.trial_id, trial.config)}: "
@@ -73,6 +77,11 @@ def _point_key(row: dict, keys: list[str]) -> tuple:
     return tuple(row.get(k) for k in keys)
 
 
+def _order(row: dict, keys: list[str]) -> tuple:
+    """Rows by point, then seed; a value missing (None) sorts last rather than failing the comparison."""
+    return tuple((v is None, 0 if v is None else v) for v in (*_point_key(row, keys), row["seed"]))
+
+
 def _status(error, trial_id: str, step: int, plan: SweepPlan, interrupted: dict[str, str]) -> str:
     if error:
         return "error"
@@ -83,16 +92,18 @@ def _status(error, trial_id: str, step: int, plan: SweepPlan, interrupted: dict[
     return "stopped"  # by the scheduler (ASHA)
 
 
-def collect_rows(results, plan: SweepPlan, interrupted: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def collect_rows(results, plan: SweepPlan, interrupted: dict[str, str] | None = None,
+                 configs: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per trial: params, seed, final metric, steps, status: completed, stopped (by the
-    scheduler), error, or for the trials in ``interrupted`` (id -> Tune status) interrupted / not started."""
+    scheduler), error, or for the trials in ``interrupted`` (id -> Tune status) interrupted / not started.
+    ``configs`` (id -> config, ``TrialEvents.configs``) gives the params of trials that never reported."""
     tc, metric = plan.config.tune, plan.config.tune.metric
     keys = plan.point_keys
     rows = []
     for result in results:
-        params = result.config or {}
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name.split("-", 1)[0]
+        params = result.config or (configs or {}).get(trial_id) or {}
         step = int(metrics.get("step", 0) or 0)
         status = _status(result.error, trial_id, step, plan, interrupted or {})
         history = None
@@ -117,7 +128,7 @@ def collect_rows(results, plan: SweepPlan, interrupted: dict[str, str] | None = 
             "error": str(result.error).splitlines()[0][:200] if result.error else "",
             "trial_dir": str(Path(result.path)) if result.path else "",
         })
-    return sorted(rows, key=lambda r: (_point_key(r, keys), r["seed"]))
+    return sorted(rows, key=lambda r: _order(r, keys))
 
 
 def summarize(rows: list[dict], plan: SweepPlan) -> list[dict[str, Any]]:
@@ -234,9 +245,11 @@ class SweepOutputs:
     interrupted: bool = False  # stopped by Ctrl-C: the rest runs with --resume
 
 
-def write_outputs(results, plan: SweepPlan, interrupted: dict[str, str] | None = None) -> SweepOutputs:
-    """``interrupted``: the trials a Ctrl-C ended, id -> Tune status (``TrialEvents.unfinished``)."""
-    rows = collect_rows(results, plan, interrupted)
+def write_outputs(results, plan: SweepPlan, interrupted: dict[str, str] | None = None,
+                  configs: dict[str, dict[str, Any]] | None = None) -> SweepOutputs:
+    """``interrupted``: the trials a Ctrl-C ended, id -> Tune status (``TrialEvents.unfinished``);
+    ``configs``: every trial's params (``TrialEvents.configs``)."""
+    rows = collect_rows(results, plan, interrupted, configs)
     summary = summarize(rows, plan)
     out = plan.sweep_dir
     results_csv, summary_csv = out / "results.csv", out / "summary.csv"

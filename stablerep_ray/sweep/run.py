@@ -188,7 +188,8 @@ def run_sweep(config: Config, resume: bool = False, captions_per_pass: int | Non
             results = tuner.fit()
     finally:
         logging.getLogger(InterruptWatch.LOGGER).removeFilter(watch)
-    outputs = write_outputs(results, plan, TrialEvents.unfinished if watch.interrupted else None)
+    outputs = write_outputs(results, plan, TrialEvents.unfinished if watch.interrupted else None,
+                            TrialEvents.configs)
     outputs.interrupted = watch.interrupted
     import ray
 

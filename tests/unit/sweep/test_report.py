@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+from ray.tune import Result
 from repo import ROOT
 
 from stablerep_ray.config import load_config
@@ -68,17 +69,25 @@ def test_interrupted_trials_are_told_apart_from_scheduler_stops(tmp_path, monkey
     live = [SimpleNamespace(trial_id=i, status=s) for i, s in
             (("done", "TERMINATED"), ("asha", "TERMINATED"), ("running", "RUNNING"), ("queued", "PENDING"),
              ("failed", "ERROR"))]
+    guidance = {"done": 1.0, "asha": 2.0, "running": 3.0, "queued": 4.0, "failed": 5.0}
+    live = [SimpleNamespace(trial_id=t.trial_id, status=t.status,
+                            config={"generator.guidance_scale": guidance[t.trial_id], "stream.images_per_group": 2,
+                                    SEED: 0}) for t in live]
     events.on_step_end(3, live)
     assert TrialEvents.unfinished == {"running": "RUNNING", "queued": "PENDING"}
 
-    def result(trial_id, step, error=None):
-        params = {"generator.guidance_scale": 2.0, "stream.images_per_group": 2, SEED: 0}
-        return SimpleNamespace(config=params, metrics={"trial_id": trial_id, "step": step} if step else {},
-                               metrics_dataframe=None, path=str(tmp_path / f"{trial_id}-x"), error=error)
+    def result(trial, step, error=None):  # as Tune builds it: a trial that never reported has no config
+        metrics = {"trial_id": trial.trial_id, "step": step, "config": trial.config} if step else {}
+        return Result(metrics=metrics, checkpoint=None, error=error, path=str(tmp_path / f"{trial.trial_id}-x"))
 
-    results = [result("done", plan.steps), result("asha", 50), result("running", 0), result("queued", 0),
-               result("failed", 50, RuntimeError("boom"))]
-    rows = {r["trial_id"]: r["status"] for r in collect_rows(results, plan, TrialEvents.unfinished)}
-    assert rows == {"done": "completed", "asha": "stopped", "running": "interrupted", "queued": "not started",
-                    "failed": "error"}
-    assert collect_rows(results, plan)[2]["status"] == "stopped"  # not interrupted: the scheduler's stop
+    done, asha, running, queued, failed = live
+    results = [result(done, plan.steps), result(asha, 50), result(running, 0), result(queued, 0),
+               result(failed, 50, RuntimeError("boom"))]
+    assert results[2].config is None
+    rows = collect_rows(results, plan, TrialEvents.unfinished, TrialEvents.configs)
+    assert [(r["trial_id"], r["status"], r["generator.guidance_scale"]) for r in rows] == [
+        ("done", "completed", 1.0), ("asha", "stopped", 2.0), ("running", "interrupted", 3.0),
+        ("queued", "not started", 4.0), ("failed", "error", 5.0)]
+    assert collect_rows(results, plan)[1]["status"] == "stopped"  # not interrupted: the scheduler's stop
+    # without the loop's configs, the never-reported trials still get rows (last, their params empty)
+    assert [r["trial_id"] for r in collect_rows(results, plan)][-2:] == ["running", "queued"]
