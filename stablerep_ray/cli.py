@@ -182,7 +182,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     configure_data_context()  # evaluate starts or joins Ray itself (runtime.start_ray), once its checks pass
     overrides = {"knn_k": args.k, "knn_temperature": args.temperature, "batch_size": args.batch_size,
                  "max_images": args.max_images}
-    with sigterm_as_ctrl_c():  # in process, and while the classifiers fit after Ray's part
+    with sigterm_as_ctrl_c():  # evaluate keeps it in charge across the Ray session it may start
         results = evaluate(args.checkpoint, args.data, method=args.method, output=args.output, overrides=overrides,
                            use_ray=not args.in_process, num_actors=args.num_actors,
                            num_gpus_per_actor=args.num_gpus, weights=args.weights, progress=EvalProgress())

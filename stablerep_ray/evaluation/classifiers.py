@@ -25,6 +25,11 @@ DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))
 KNN_BLOCK_ELEMENTS = 2**28  # a kNN similarity block holds at most this many floats (1 GiB)
 
 
+def classifier_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else CUDA when this process sees a GPU, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def _as_tensor(x, dtype=torch.float32) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.to(dtype)
@@ -162,7 +167,7 @@ def linear_probe(
     ``progress(fits done, fits in all)`` before the first fit and after each: on a large set each
     fit takes minutes.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = classifier_device(device)
     ytr_np = np.asarray(train_labels.cpu() if isinstance(train_labels, torch.Tensor) else train_labels, np.int64)
     yte_np = np.asarray(test_labels.cpu() if isinstance(test_labels, torch.Tensor) else test_labels, np.int64)
     if len(np.unique(ytr_np)) < 2:

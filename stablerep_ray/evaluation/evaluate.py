@@ -24,7 +24,7 @@ from ..config import ConfigError, EvalConfig
 from ..models.io import MODEL_FILE, load_checked_model, model_file
 from ..storage import open_filesystem, probe_remote, write_json_atomic
 from .cache import FeatureSet
-from .classifiers import knn_accuracy, linear_probe
+from .classifiers import classifier_device, knn_accuracy, linear_probe
 from .datasets import DEFAULT_TEST_FRACTION, LabelledImages, align_classes, hold_out, load_eval_split
 from .features import Progress, compute_feature_sets, extract_features
 from .specs import check_data_spec, set_names
@@ -90,27 +90,26 @@ class OnlineKNN:
 def _ray_session(use_ray: bool | None) -> Iterator[bool]:
     """Whether features come from the Ray actor pool: ``None`` uses Ray when it is already up;
     ``True`` joins the cluster at ``RAY_ADDRESS`` or starts a local Ray when none is up (and
-    disconnects afterwards; meanwhile SIGTERM, e.g. ``ray job stop``, ends it as Ctrl-C does, and
-    the SIGTERM handler from before ``ray.init`` is put back after it)."""
+    disconnects afterwards). The caller's SIGTERM handler stays in charge: ``ray.init`` replaces it
+    in a driver with ``sys.exit(15)``, which is undone at once (the CLI maps SIGTERM to Ctrl-C)."""
     if use_ray is False:
         yield False
         return
     import ray
 
-    from ..runtime import sigterm_as_ctrl_c, start_ray
+    from ..runtime import start_ray
 
     started = bool(use_ray) and not ray.is_initialized()
-    before = signal.getsignal(signal.SIGTERM)
     if started:
+        before = signal.getsignal(signal.SIGTERM)
         start_ray(os.environ.get("RAY_ADDRESS", ""))
+        if threading.current_thread() is threading.main_thread() and before is not None:
+            signal.signal(signal.SIGTERM, before)
     try:
-        with sigterm_as_ctrl_c() if started else contextlib.nullcontext():
-            yield ray.is_initialized()
+        yield ray.is_initialized()
     finally:
         if started:
             ray.shutdown()
-            if threading.current_thread() is threading.main_thread() and before is not None:
-                signal.signal(signal.SIGTERM, before)  # not ray.init's sys.exit(15), for the classifiers
 
 
 def _fetch_model_file(uri: str, directory: Path) -> Path:
@@ -277,7 +276,7 @@ def evaluate(
     else:
         train, test = sets[0], align_classes(sets[0].class_names, sets[1], test_spec)
     stage = functools.partial(progress, "linear probe") if progress else None
-    scorer = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    scorer = classifier_device(device)
     metrics, details = _score(train, test, method, config, scorer, stage)
 
     out_dir.mkdir(parents=True, exist_ok=True)
