@@ -37,10 +37,13 @@ def synthetic(n_train: int, n_test: int, dim: int, classes: int, seed: int = 0):
     means[:, :rank] = rng.normal(size=(classes, rank)) * 0.6
     scale = (np.arange(1, dim + 1, dtype=np.float32) ** -0.5) * 4  # power-law noise spectrum
 
-    def draw(n):
+    def draw(n, rows=2048):  # row blocks: no n x dim float64 temporary to raise the memory high-water mark
         y = rng.integers(0, classes, n)
-        x = means[y] + rng.normal(size=(n, dim)).astype(np.float32) * scale
-        return (x @ basis.T + 0.5).astype(np.float32), y
+        x = np.empty((n, dim), np.float32)
+        for start in range(0, n, rows):
+            block = means[y[start : start + rows]] + rng.normal(size=(len(y[start : start + rows]), dim)) * scale
+            x[start : start + rows] = block.astype(np.float32) @ basis.T + 0.5
+        return x, y
 
     return (*draw(n_train), *draw(n_test))
 
@@ -92,6 +95,20 @@ def sklearn_probe(x_train, y_train, x_test, y_test, max_iter: int = 1000) -> dic
     return {"top1": float(np.mean(clf.predict(scaler.transform(x_test)) == y_test)), "C": best_C}
 
 
+def high_water_mb(device: str | None) -> float:
+    """The process's memory high-water mark: allocated GPU memory on CUDA (features moved there
+    included), peak RSS on the CPU (features made lean, so the probe's own peak shows above it)."""
+    import resource
+
+    import torch
+
+    from stablerep_ray.evaluation.classifiers import classifier_device
+
+    if classifier_device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main() -> None:
     parser = common.arg_parser(MODULE, __doc__)
     parser.add_argument("--train", type=int, default=50_000, help="synthetic train features")
@@ -116,16 +133,20 @@ def main() -> None:
     print(f"{source}: {n:,} train x {d} features, {len(data[2]):,} test, {classes} classes")
 
     runs = {}
+    before = high_water_mb(args.device)
     start = time.perf_counter()
     probe = linear_probe(*data, device=args.device)
     runs["torch"] = {"top1": probe["top1"], "C": probe["C"], "seconds": time.perf_counter() - start,
-                     "device": probe["device"]}
+                     "device": probe["device"], "memory_added_mb": high_water_mb(probe["device"]) - before}
     if args.reference:
         start = time.perf_counter()
         runs["sklearn"] = {**sklearn_probe(*data), "seconds": time.perf_counter() - start, "device": "cpu"}
     print(f"\ncommand: {common.command_line(MODULE)}")
     for name, run in runs.items():
         print(f"  {name:8s} top1 {run['top1']:.4f}  C {run['C']:g}  {run['seconds']:.1f}s on {run['device']}")
+    memory = runs["torch"]["memory_added_mb"]
+    print(f"  the torch probe raised the {'GPU' if runs['torch']['device'].startswith('cuda') else 'RSS'} "
+          f"high-water mark by {memory:,.0f} MB ({memory / (data[0].nbytes / 2**20):.2f}x the train features)")
     result = {"source": source, "train": n, "dim": d, "classes": classes, "test": len(data[2]), "runs": runs}
     if args.reference:
         ratio = runs["sklearn"]["seconds"] / runs["torch"]["seconds"]

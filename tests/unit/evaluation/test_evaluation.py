@@ -326,14 +326,15 @@ def test_linear_probe_fits_scikit_learns_logistic_regression(C):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from stablerep_ray.evaluation.classifiers import _fit_logistic
+    from stablerep_ray.evaluation.classifiers import Standardised, _fit_logistic
 
-    X, y = load_digits(return_X_y=True)
-    X = StandardScaler().fit_transform(X)
+    raw, y = load_digits(return_X_y=True)
+    X = StandardScaler().fit_transform(raw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = LogisticRegression(C=C, max_iter=5000, tol=1e-8).fit(X, y)
-    W, b = _fit_logistic(torch.from_numpy(X).float(), torch.from_numpy(y), 10, C, max_iter=5000, tol=1e-7)
+    train = Standardised.fitted(torch.from_numpy(raw).float())  # the probe standardises as it goes
+    W, b = _fit_logistic(train, torch.from_numpy(y), 10, C, max_iter=5000, tol=1e-7)
     logits = torch.from_numpy(X).float() @ W + b
 
     def objective(logits, W):  # mean cross-entropy + ||W||^2 / (2 C n)
@@ -346,6 +347,27 @@ def test_linear_probe_fits_scikit_learns_logistic_regression(C):
     assert ours == pytest.approx(theirs, rel=2e-3, abs=1e-4)
     agree = float(np.mean(logits.argmax(1).numpy() == reference.predict(X)))
     assert agree >= 0.99, agree
+
+
+def test_standardised_rows_match_a_standardised_copy():
+    """The probe's chunked view of rows ``index`` equals standardising a copy of them (a constant
+    feature only centred), and scales other rows by the same statistics."""
+    from stablerep_ray.evaluation.classifiers import Standardised
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(50.0, 3.0, size=(1000, 6)).astype(np.float32)
+    X[:, 2] = 7.0
+    index = rng.permutation(1000)[:700]
+    view = Standardised.fitted(torch.from_numpy(X), torch.from_numpy(index))
+    view.rows_per_chunk = 128  # several chunks, the last one short
+    mean, std = X[index].astype(np.float64).mean(0), X[index].astype(np.float64).std(0)
+    std[2] = 1.0
+    chunks = [(at, part.clone()) for at, part in view.chunks()]  # each chunk is overwritten by the next
+    assert [at.start for at, _ in chunks] == list(range(0, 700, 128))
+    got = torch.cat([part for _, part in chunks]).numpy()
+    np.testing.assert_allclose(got, (X[index] - mean) / std, atol=1e-4)
+    others = torch.cat([part.clone() for _, part in view.like(torch.from_numpy(X)).chunks()]).numpy()
+    np.testing.assert_allclose(others, (X - mean) / std, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------- features
