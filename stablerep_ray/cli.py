@@ -193,9 +193,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .models.export import export_encoder, load_snippet, output_format, preprocessing_warning
+    from .runtime import sigterm_as_ctrl_c
 
     fmt = output_format(args.out, args.format)
-    cfg = export_encoder(args.checkpoint, args.out, fmt, args.weights)
+    with sigterm_as_ctrl_c():  # `kill` too removes the half-written file and says so
+        cfg = export_encoder(args.checkpoint, args.out, fmt, args.weights)
     print(f"exported the {cfg['architecture']} encoder of {args.checkpoint} "
           f"(weights: {args.weights or 'those evaluation uses'}) to {args.out}")
     print("load it without stablerep-ray:\n" + load_snippet(args.out, fmt))

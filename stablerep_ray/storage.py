@@ -3,9 +3,12 @@ checkpoint snapshot Ray Train writes beside a run's checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,20 +72,24 @@ def latest_train_result(config: Config) -> dict[str, Any]:
     return latest[1] if latest else {}
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON through a temporary file and a rename: readers never see half a file."""
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; renamed over ``path`` when the block ends, removed
+    when it raises (Ctrl-C included): readers never see half a file, and an interrupted write leaves
+    the old file, or none."""
+    tmp = path.with_name(f".{path.name}-{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write JSON that readers never see half-written."""
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def check_storage(config: Config) -> None:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..models.io import model_file
-from ..storage import open_filesystem
+from ..storage import open_filesystem, replaced_atomically
 from .specs import SIMULATOR_PER_CLASS, is_simulator_spec, parse_simulator, simulator_spec
 
 log = logging.getLogger(__name__)
@@ -122,11 +121,9 @@ def read_cache(path: Path) -> FeatureSet | None:
 
 def write_cache(path: Path, fs: FeatureSet, meta: dict) -> str | None:
     """Atomic write (temp file in the same directory, then rename); None when not writable."""
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".features-", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+        with replaced_atomically(path) as tmp, open(tmp, "wb") as f:
             np.savez(
                 f,
                 features=fs.features.astype(np.float32, copy=False),
@@ -134,10 +131,7 @@ def write_cache(path: Path, fs: FeatureSet, meta: dict) -> str | None:
                 class_names=np.asarray(fs.class_names, dtype=np.str_),
                 meta=np.asarray(json.dumps(meta, default=str)),
             )
-        os.replace(tmp, path)
         return str(path)
     except OSError as err:
         log.warning("could not write the feature cache %s (%s); continuing without it", path, err)
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
         return None

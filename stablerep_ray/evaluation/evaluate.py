@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from ..config import ConfigError, EvalConfig
 from ..models.io import MODEL_FILE, load_checked_model, model_file
-from ..storage import open_filesystem, probe_remote, write_json_atomic
+from ..storage import open_filesystem, probe_remote, replaced_atomically, write_json_atomic
 from .cache import FeatureSet
 from .classifiers import classifier_device, knn_accuracy, linear_probe
 from .datasets import DEFAULT_TEST_FRACTION, LabelledImages, align_classes, hold_out, load_eval_split
@@ -133,12 +133,11 @@ def _fetch_model_file(uri: str, directory: Path) -> Path:
     if local.is_file() and (local.stat().st_size, local.stat().st_mtime_ns) == (info.size, mtime):
         return local
     directory.mkdir(parents=True, exist_ok=True)
-    part = local.with_suffix(".part")
-    with fs.open_input_stream(path) as src, open(part, "wb") as dst:
-        shutil.copyfileobj(src, dst, 2**24)
-    if mtime:
-        os.utime(part, ns=(mtime, mtime))
-    os.replace(part, local)
+    with replaced_atomically(local) as part:
+        with fs.open_input_stream(path) as src, open(part, "wb") as dst:
+            shutil.copyfileobj(src, dst, 2**24)
+        if mtime:
+            os.utime(part, ns=(mtime, mtime))
     return local
 
 

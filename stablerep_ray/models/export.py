@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..config import ConfigError
+from ..storage import replaced_atomically
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -113,14 +114,18 @@ def export_encoder(checkpoint: str | os.PathLike, out: str | os.PathLike,
     encoder = model.encoder
     cfg = timm_config(encoder, config)
     tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    # Each file is written beside its place and renamed over it: an interrupted export (Ctrl-C, a full
+    # disk) leaves the files it would replace, or none, never a truncated safetensors file.
     if fmt == "hf":
         out.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
-        (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        with replaced_atomically(out / WEIGHTS_FILE) as weights_tmp, replaced_atomically(out / CONFIG_FILE) as cfg_tmp:
+            save_file(tensors, weights_tmp, metadata={"format": "pt"})
+            cfg_tmp.write_text(json.dumps(cfg, indent=2) + "\n")
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": "pt", **{k: json.dumps(cfg[k]) for k in ("architecture", "model_args", "pretrained_cfg")}}
-        save_file(tensors, out, metadata=meta)
+        with replaced_atomically(out) as tmp:
+            save_file(tensors, tmp, metadata=meta)
     return cfg
 
 

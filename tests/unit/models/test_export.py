@@ -4,6 +4,7 @@ project, gives the features evaluation computes, and carries the training prepro
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,6 +109,29 @@ def test_bad_exports_are_one_line_errors(checkpoint, tmp_path, capsys, out, args
     assert len(err) == 1 and expected in err[0], err
     with pytest.raises(ConfigError, match="no model.pt found"):
         export_encoder(tmp_path, tmp_path / "hf")
+
+
+@pytest.mark.parametrize("fmt", ["hf", "timm"])
+def test_an_interrupted_export_leaves_the_old_files_not_half_a_new_one(checkpoint, tmp_path, monkeypatch, fmt):
+    """Ctrl-C (or SIGTERM, which the CLI maps to it) in the middle of writing the weights: the export's
+    earlier files are still whole, and nothing else is left in the directory."""
+    import safetensors.torch
+
+    out = tmp_path / ("hf" if fmt == "hf" else "encoder.safetensors")
+    export_encoder(checkpoint, out, fmt)
+    before = {p.name: p.read_bytes() for p in (out.iterdir() if fmt == "hf" else [out])}
+
+    def cut_off(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        export_encoder(checkpoint, out, fmt, weights="model")
+    after = {p.name: p.read_bytes() for p in (out.iterdir() if fmt == "hf" else [out])}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(
+        ["hf", *before] if fmt == "hf" else [out.name])
 
 
 def test_a_run_directory_is_answered_with_its_last_checkpoint(tmp_path):
