@@ -129,7 +129,7 @@ class Standardised:
     def chunks(self, rows: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
         """(positions, standardised rows) in order, ``rows`` at a time. Each chunk is a view of the
         buffer that the next one overwrites: use it before asking for the next."""
-        rows = min(rows or self.rows_per_chunk, len(self))
+        rows = max(1, min(rows or self.rows_per_chunk, len(self)))  # an empty set: no chunk
         if self._buffer is None or len(self._buffer) < rows:
             self._buffer = self.X.new_empty(rows, self.X.shape[1])
         for start in range(0, len(self), rows):

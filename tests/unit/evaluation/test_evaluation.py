@@ -368,6 +368,7 @@ def test_standardised_rows_match_a_standardised_copy():
     np.testing.assert_allclose(got, (X[index] - mean) / std, atol=1e-4)
     others = torch.cat([part.clone() for _, part in view.like(torch.from_numpy(X)).chunks()]).numpy()
     np.testing.assert_allclose(others, (X - mean) / std, atol=1e-4)
+    assert list(view.like(torch.zeros(0, 6)).chunks()) == []  # an empty test set scores as NaN, not an error
 
 
 # ------------------------------------------------------------------------------------- features
