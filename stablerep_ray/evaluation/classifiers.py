@@ -204,8 +204,7 @@ def linear_probe(
     fit takes minutes.
     """
     device = classifier_device(device)
-    ytr_np = np.asarray(train_labels.cpu() if isinstance(train_labels, torch.Tensor) else train_labels, np.int64)
-    yte_np = np.asarray(test_labels.cpu() if isinstance(test_labels, torch.Tensor) else test_labels, np.int64)
+    ytr_np, yte_np = (_as_tensor(y, torch.int64).cpu().numpy() for y in (train_labels, test_labels))
     if len(np.unique(ytr_np)) < 2:
         raise ValueError("linear_probe: the train set needs at least two classes")
     Xtr, Xte = (_as_tensor(x).to(device) for x in (train_features, test_features))
