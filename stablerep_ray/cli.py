@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import SIMULATOR_WORLDS, SYNTH_SOURCE, Config, ConfigError, load_config
+from .tools.tiny_pipeline import FAMILIES
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -320,8 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny-pipeline", help="save a tiny random text-to-image pipeline for offline use")
     p.add_argument("directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--family", choices=["sd15", "sdxl", "pixart", "sd3"], default="sd15",
-                   help="architecture: SD 1.5, SDXL (two CLIP encoders), PixArt-alpha (T5), SD3 (flow matching)")
+    p.add_argument("--family", choices=FAMILIES, default="sd15",
+                   help="architecture: SD 1.5, SDXL (two CLIP encoders), PixArt-alpha (T5), SD3 (flow matching), "
+                        "FLUX.1-dev (packed latents, guidance embedding), Sana (Gemma 2, DC-AE)")
     p.set_defaults(func=cmd_make_tiny_pipeline)
 
     p = sub.add_parser("make-tiny-llm", help="save a tiny random causal language model for offline use")

@@ -157,7 +157,7 @@ class DiffusersGenerator:
     @staticmethod
     def tokenizer_source(config: GeneratorConfig) -> tuple[str, str | None]:
         """Where StableRep+ finds this backend's tokenizer: the pipeline's first CLIP tokenizer
-        (``tokenizer/`` unless a local model_index.json lists others: PixArt has only a T5 one)."""
+        (``tokenizer/`` unless a local model_index.json lists others: PixArt has only T5's, Sana Gemma's)."""
         index = Path(config.model).expanduser() / "model_index.json"
         tokenizers = {c: v[-1] for c, v in (read_json_object(index) if index.is_file() else {}).items()
                       if c.startswith("tokenizer") and is_component(c, v)}

@@ -8,10 +8,14 @@ the component classes of its real model at a toy size:
 - ``sdxl``: SDXL (two CLIP text encoders, the second with a projection; a UNet with SDXL's size and
   crop embeddings);
 - ``pixart``: PixArt-alpha (PixArtTransformer2DModel, a T5 encoder and tokenizer);
-- ``sd3``: SD3 (SD3Transformer2DModel, two CLIP encoders and a T5, a 16-channel VAE, flow matching).
+- ``sd3``: SD3 (SD3Transformer2DModel, two CLIP encoders and a T5, a 16-channel VAE, flow matching);
+- ``flux``: FLUX.1-dev (FluxTransformer2DModel with guidance embedding, a CLIP and a T5 encoder,
+  packed 16-channel latents, flow matching with resolution-dependent shift);
+- ``sana``: Sana (SanaTransformer2DModel, a Gemma 2 decoder as text encoder, the DC-AE autoencoder,
+  flow sampling through DPM-Solver).
 
-Tokenizers are built from code (byte-level CLIP BPE, a character T5 unigram), so nothing is
-downloaded. The images do not depend on the caption in any useful way: use the simulator backend to
+Tokenizers are built from code (byte-level CLIP BPE, character T5 unigram and Gemma BPE), so nothing
+is downloaded. The images do not depend on the caption in any useful way: use the simulator backend to
 see learning offline.
 """
 
@@ -21,9 +25,7 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch
-
-FAMILIES = ("sd15", "sdxl", "pixart", "sd3")
+FAMILIES = ("sd15", "sdxl", "pixart", "sd3", "flux", "sana")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -68,16 +70,28 @@ def tiny_t5_tokenizer(model_max_length: int = 512):
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
+def tiny_gemma_tokenizer():
+    """A Gemma BPE tokenizer with no merges over printable ASCII characters and the word-start mark."""
+    from transformers import GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    symbols = specials + ["\u2581"] + [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    return GemmaTokenizer(vocab={s: i for i, s in enumerate(symbols)}, merges=[])
+
+
 def make_tiny_pipeline(directory: str | Path, seed: int = 0, sample_size: int = 32, family: str = "sd15") -> Path:
     """Save a tiny ``family`` text-to-image pipeline to ``directory``; returns the directory.
 
     ``sample_size`` is the denoiser's nominal latent size; with the two-level VAE (scale factor 2)
-    the pipeline's native resolution is ``2 * sample_size`` pixels (64 by default).
+    the pipeline's native resolution is ``2 * sample_size`` pixels (64 by default). Flux ignores it:
+    its pipeline fixes the latent size at 128, so its native resolution is 256 pixels.
     """
-    builders = {"sd15": _sd15, "sdxl": _sdxl, "pixart": _pixart, "sd3": _sd3}
+    builders = {"sd15": _sd15, "sdxl": _sdxl, "pixart": _pixart, "sd3": _sd3, "flux": _flux, "sana": _sana}
     if family not in builders:
         raise ValueError(f"family {family!r}: choose one of {', '.join(FAMILIES)}")
     directory = Path(directory)
+    import torch
+
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as scratch:
         from transformers import CLIPTokenizer
@@ -194,3 +208,53 @@ def _sd3(tokenizer, sample_size: int):
         text_encoder_2=_clip(tokenizer, projection=True), tokenizer_2=tokenizer,
         text_encoder_3=_t5(t5_tokenizer, 64), tokenizer_3=t5_tokenizer,
     )
+
+
+def _flux(tokenizer, _sample_size: int):
+    """FLUX.1-dev: double- and single-stream blocks over T5 states (32 wide) and 2x2-packed latents of
+    a 16-channel VAE (64 inputs), the CLIP pooled output (32) and the guidance scale as embeddings,
+    3-axis rotary positions (4 + 6 + 6 = the head width), flow matching shifted by image size."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    t5_tokenizer = tiny_t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        transformer=transformer, scheduler=scheduler,
+        vae=_vae(16, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=_clip(tokenizer), tokenizer=tokenizer,
+        text_encoder_2=_t5(t5_tokenizer, 32), tokenizer_2=t5_tokenizer,
+    )
+
+
+def _sana(_clip_tokenizer, sample_size: int):
+    """Sana: a linear-attention DiT with cross-attention to the last states of a Gemma 2 decoder
+    (32 wide), a two-level DC-AE (ResBlock, then EfficientViT with multi-scale linear attention),
+    flow prediction sampled by DPM-Solver with flow sigmas."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = tiny_gemma_tokenizer()
+    text_encoder = Gemma2Model(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    ))
+    blocks = {f"{part}_{key}": value for part in ("encoder", "decoder") for key, value in (
+        ("block_types", ("ResBlock", "EfficientViTBlock")), ("block_out_channels", (16, 32)),
+        ("layers_per_block", (1, 1)), ("qkv_multiscales", ((), (5,))))}
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=8, scaling_factor=0.41407, **blocks)
+    transformer = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=32,
+        sample_size=sample_size, patch_size=1,
+    )
+    scheduler = DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")
+    return SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                        scheduler=scheduler)

@@ -11,12 +11,16 @@ from stablerep_ray.generation.diffusion import DiffusersGenerator, call_args
 from stablerep_ray.tools.tiny_pipeline import FAMILIES, make_tiny_pipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
-# (denoiser, scheduler the actor runs with the config's default sampler, call arguments it fixes)
+# (denoiser, scheduler the actor runs with the config's default sampler, call arguments it fixes,
+# native resolution: 2 x the tiny sample size, Flux's pipeline fixes its latent size at 128)
+PIXART_ARGS = {"use_resolution_binning": False, "clean_caption": False}
 EXPECTED = {
-    "sd15": ("unet", "DPMSolverMultistepScheduler", {}),
-    "sdxl": ("unet", "DPMSolverMultistepScheduler", {}),
-    "pixart": ("transformer", "DPMSolverMultistepScheduler", {"use_resolution_binning": False, "clean_caption": False}),
-    "sd3": ("transformer", "FlowMatchEulerDiscreteScheduler", {}),
+    "sd15": ("unet", "DPMSolverMultistepScheduler", {}, 64),
+    "sdxl": ("unet", "DPMSolverMultistepScheduler", {}, 64),
+    "pixart": ("transformer", "DPMSolverMultistepScheduler", PIXART_ARGS, 64),
+    "sd3": ("transformer", "FlowMatchEulerDiscreteScheduler", {}, 64),
+    "flux": ("transformer", "FlowMatchEulerDiscreteScheduler", {}, 256),
+    "sana": ("transformer", "DPMSolverMultistepScheduler", PIXART_ARGS, 64),  # its own, flow sigmas
 }
 
 
@@ -38,12 +42,12 @@ def test_family_loads_and_renders_seeded_images(pipelines, family, caplog):
     DiffusersGenerator.preflight(config)
     with caplog.at_level(logging.WARNING, logger="stablerep_ray.generation.diffusion"):
         generator = DiffusersGenerator(config)
-    denoiser, scheduler, fixed = EXPECTED[family]
+    denoiser, scheduler, fixed, native = EXPECTED[family]
     assert getattr(generator.pipe, denoiser) is not None
     assert type(generator.pipe.scheduler).__name__ == scheduler
     assert generator.call_args == call_args(generator.pipe) == fixed
-    # the resolution left at its default became the model's native one (tiny: 2 x sample size), logged
-    assert generator.cfg.resolution == 64 and "resolution 512 -> 64" in caplog.text
+    # the resolution left at its default became the model's native one, logged
+    assert generator.cfg.resolution == native and f"resolution 512 -> {native}" in caplog.text
 
     out = generator(batch([5, 6, 9]))  # 6 and 9: the same caption at two source positions
     images = out["images"]
@@ -63,8 +67,9 @@ def test_flow_matching_pipeline_refuses_a_ddpm_sampler_when_loaded(pipelines):
 
 
 def test_tokenizer_source_is_the_first_clip_tokenizer(pipelines):
-    for family in ("sd15", "sdxl", "sd3"):
+    for family in ("sd15", "sdxl", "sd3", "flux"):
         assert DiffusersGenerator.tokenizer_source(GeneratorConfig(model=str(pipelines[family]))) == (
             str(pipelines[family]), "tokenizer")
-    with pytest.raises(ConfigError, match=r"model\.text\.tokenizer: .* has no CLIP tokenizer .*T5Tokenizer"):
-        DiffusersGenerator.tokenizer_source(GeneratorConfig(model=str(pipelines["pixart"])))
+    for family, tokenizer in (("pixart", "T5Tokenizer"), ("sana", "GemmaTokenizer")):
+        with pytest.raises(ConfigError, match=rf"model\.text\.tokenizer: .* has no CLIP tokenizer .*{tokenizer}"):
+            DiffusersGenerator.tokenizer_source(GeneratorConfig(model=str(pipelines[family])))
