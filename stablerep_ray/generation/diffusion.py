@@ -188,8 +188,11 @@ class DiffusersGenerator:
         ]
         with torch.inference_mode():
             out = self.pipe(
-                prompt=captions,
-                num_images_per_prompt=n,
+                # Each caption written n times, not num_images_per_prompt=n: several diffusers pipelines
+                # (Sana, Lumina 2, AuraFlow, HunyuanDiT) repeat the text attention mask in another
+                # order than the text states, so with several captions per call an image would be
+                # masked by another caption's mask. The text encoder's share of the cost is small.
+                prompt=[caption for caption in captions for _ in range(n)],
                 generator=generators,
                 num_inference_steps=cfg.steps,
                 guidance_scale=cfg.guidance_scale,
@@ -198,7 +201,7 @@ class DiffusersGenerator:
                 output_type="pt",
                 **self.call_args,
             )
-        # (B*n, 3, H, W) float in [0, 1], caption-major (diffusers repeats each prompt n times).
+        # (B*n, 3, H, W) float in [0, 1], caption-major like the prompts.
         images = to_stored_uint8(out.images, cfg.output_size)
         images = images.reshape(len(captions), n, *images.shape[1:])
         num_images = np.full(len(captions), n, dtype=np.int32)

@@ -5,9 +5,10 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 from stablerep_ray.config import ConfigError, GeneratorConfig
-from stablerep_ray.generation.diffusion import DiffusersGenerator, call_args
+from stablerep_ray.generation.diffusion import DiffusersGenerator, call_args, denoiser
 from stablerep_ray.tools.tiny_pipeline import FAMILIES, make_tiny_pipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
@@ -31,32 +32,60 @@ def pipelines(tmp_path_factory):
 
 
 def batch(positions: list[int]) -> dict:
-    captions = ["a red cube", "two blue balls", "a green ring"]
+    captions = ["a red cube", "two small blue balls beside a large green ring", "a ring"]  # lengths differ
     return {"caption_id": np.array(positions), "position": np.array(positions),
             "caption": np.array([captions[p % 3] for p in positions])}
 
 
+def render_with_denoiser_inputs(generator, positions: list[int]) -> tuple[np.ndarray, dict]:
+    """The images of one call and the tensors its denoiser got at the first step (dicts flattened)."""
+    inputs = {}
+
+    def capture(_module, _args, kwargs):
+        if not inputs:
+            for key, value in kwargs.items():
+                for name, tensor in (value.items() if isinstance(value, dict) else [(key, value)]):
+                    if isinstance(tensor, torch.Tensor):
+                        inputs[name] = tensor.clone()
+
+    hook = denoiser(generator.pipe)[1].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        return generator(batch(positions))["images"], inputs
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_loads_and_renders_seeded_images(pipelines, family, caplog):
-    config = GeneratorConfig(model=str(pipelines[family]), steps=2, output_size=16, images_per_caption=2)
+    n = 2
+    config = GeneratorConfig(model=str(pipelines[family]), steps=2, output_size=16, images_per_caption=n)
     DiffusersGenerator.preflight(config)
     with caplog.at_level(logging.WARNING, logger="stablerep_ray.generation.diffusion"):
         generator = DiffusersGenerator(config)
-    denoiser, scheduler, fixed, native = EXPECTED[family]
-    assert getattr(generator.pipe, denoiser) is not None
+    denoiser_name, scheduler, fixed, native = EXPECTED[family]
+    assert getattr(generator.pipe, denoiser_name) is not None
     assert type(generator.pipe.scheduler).__name__ == scheduler
     assert generator.call_args == call_args(generator.pipe) == fixed
     # the resolution left at its default became the model's native one, logged
     assert generator.cfg.resolution == native and f"resolution 512 -> {native}" in caplog.text
 
-    out = generator(batch([5, 6, 9]))  # 6 and 9: the same caption at two source positions
-    images = out["images"]
-    assert images.shape == (3, 2, 16, 16, 3) and images.dtype == np.uint8
-    assert out["num_images"].tolist() == [2, 2, 2]
+    images, inputs = render_with_denoiser_inputs(generator, [5, 6, 9])  # 6, 9: one caption, two positions
+    assert images.shape == (3, n, 16, 16, 3) and images.dtype == np.uint8
     assert not np.array_equal(images[0, 0], images[0, 1]), "different indices, different images"
     assert not np.array_equal(images[1], images[2]), "a repeated caption gets new images"
-    alone = generator(batch([6]))["images"][0]
-    assert np.abs(alone.astype(int) - images[1].astype(int)).max() <= 2, "an image depends on its position only"
+    alone, alone_inputs = render_with_denoiser_inputs(generator, [6])
+    assert np.abs(alone[0].astype(int) - images[1].astype(int)).max() <= 2, "an image depends on its position only"
+    # ... and so does everything its denoiser is given: text states, attention masks, pooled and time
+    # embeddings, latents (rows: [unconditional..., conditional...] with guidance, caption-major each)
+    assert inputs.keys() == alone_inputs.keys()
+    for name, together in inputs.items():
+        own = alone_inputs[name]
+        if together.shape == own.shape:  # not per image (Flux's position ids)
+            assert torch.equal(together, own), name
+            continue
+        copies = own.shape[0] // n
+        rows = together.reshape(copies, 3, n, *together.shape[1:])[:, 1]
+        torch.testing.assert_close(rows, own.reshape(copies, n, *own.shape[1:]), msg=name)
 
 
 def test_flow_matching_pipeline_refuses_a_ddpm_sampler_when_loaded(pipelines):
