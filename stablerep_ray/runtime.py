@@ -189,6 +189,25 @@ def setup_process() -> None:
     pace_idle_data_executor()
 
 
+def quiet_model_loading() -> None:
+    """Turn off the tqdm bars of Hub downloads, transformers' weight loading and diffusers' component
+    loading in a process about to load a model: from every actor at once they are a wall of redraws in
+    the console and in job logs. The loaders print one line when the model is ready instead."""
+    import diffusers.utils.logging
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def say_model_ready(stage: str, model: str, loaded: object, device, dtype, started: float) -> None:
+    """The one line a loader prints: which model, its class, where, in which dtype, after how long."""
+    print(f"{stage}: {model} ({type(loaded).__name__}) ready on {device}, {str(dtype).removeprefix('torch.')}, "
+          f"in {time.perf_counter() - started:.1f} s", flush=True)
+
+
 # Ray Data's streaming executor (in the driver, or in the split coordinator actor that feeds Train)
 # polls its tasks with ray.wait(timeout=0.1 s), which returns at once when a task's output is ready.
 # When the consumers hold the stream back (the steady state whenever generation outpaces training),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 
 from ..config import ConfigError, GeneratorConfig
 from ..precision import resolve_dtype
+from ..runtime import quiet_model_loading, say_model_ready
 from .backends import image_keys, image_seed
 from .pipelines import (
     check_pipeline_path,
@@ -94,6 +96,8 @@ def load_pipeline(cfg: GeneratorConfig):
     import diffusers
     from diffusers import DiffusionPipeline
 
+    quiet_model_loading()
+    started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device)
     pipe = DiffusionPipeline.from_pretrained(cfg.model, dtype=dtype)
@@ -111,6 +115,7 @@ def load_pipeline(cfg: GeneratorConfig):
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     apply_speed_options(pipe, cfg, device)
+    say_model_ready("generator", cfg.model, pipe, device, dtype, started)
     return pipe, device, cfg
 
 

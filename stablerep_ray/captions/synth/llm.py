@@ -8,11 +8,14 @@ seeds do. The same class serves the in-process preview and the test's small HTTP
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
 from ...config import SynthConfig
 from ...precision import resolve_dtype
+from ...runtime import quiet_model_loading, say_model_ready
 from .rows import finish_batch
 
 
@@ -44,6 +47,8 @@ class CausalLM:
     def __init__(self, model: str, dtype: str = "auto", gpu: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        quiet_model_loading()
+        started = time.perf_counter()
         self.device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.tokenizer.padding_side = "left"  # generation continues every row from its last token
@@ -51,6 +56,7 @@ class CausalLM:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=resolve_dtype(dtype, self.device))
         self.model.to(self.device).eval()
+        say_model_ready("captions", model, self.model, self.device, self.model.dtype, started)
 
     @torch.inference_mode()
     def complete(self, prompts: list[str], seeds: list[int], temperature: float, top_p: float,

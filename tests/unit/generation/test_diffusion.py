@@ -56,12 +56,15 @@ def render_with_denoiser_inputs(generator, positions: list[int]) -> tuple[np.nda
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_loads_and_renders_seeded_images(pipelines, family, caplog):
+def test_family_loads_and_renders_seeded_images(pipelines, family, caplog, capsys):
     n = 2
     config = GeneratorConfig(model=str(pipelines[family]), steps=2, output_size=16, images_per_caption=n)
     DiffusersGenerator.preflight(config)
     with caplog.at_level(logging.WARNING, logger="stablerep_ray.generation.diffusion"):
         generator = DiffusersGenerator(config)
+    printed = capsys.readouterr()
+    assert "it/s" not in printed.err + printed.out, "no loading progress bars: one line per actor"
+    assert f"generator: {config.model} ({type(generator.pipe).__name__}) ready on cpu, float32" in printed.out
     denoiser_name, scheduler, fixed, native = EXPECTED[family]
     assert getattr(generator.pipe, denoiser_name) is not None
     assert type(generator.pipe.scheduler).__name__ == scheduler
