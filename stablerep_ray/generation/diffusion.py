@@ -89,6 +89,28 @@ def settle_config(pipe, cfg: GeneratorConfig) -> GeneratorConfig:
     return cfg
 
 
+# What diffusers and transformers say when a caption is longer than a text encoder takes (CLIP: 77
+# tokens): diffusers on every call, quoting the cut text once per image.
+TRUNCATION_NOTICES = ("The following part of your input was truncated", "Token indices sequence length is longer")
+
+
+class TruncationNotice(logging.Filter):
+    """Says once per actor that long captions are cut, in place of those per-call warnings."""
+
+    def __init__(self, model: str):
+        super().__init__()
+        self.model, self.said = model, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(TRUNCATION_NOTICES):
+            return True
+        if not self.said:
+            self.said = True
+            logger.warning("generator: %s cuts captions longer than its text encoders take (77 tokens for a CLIP "
+                           "encoder); said once per actor", self.model)
+        return False
+
+
 def load_pipeline(cfg: GeneratorConfig):
     """``from_pretrained`` + the model's settings + scheduler swap + the speed options for this device.
 
@@ -101,6 +123,12 @@ def load_pipeline(cfg: GeneratorConfig):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device)
     pipe = DiffusionPipeline.from_pretrained(cfg.model, dtype=dtype)
+    notice = TruncationNotice(cfg.model)
+    for name in (type(pipe).__module__, "transformers.tokenization_utils_base"):  # where each is logged
+        said_by = logging.getLogger(name)
+        for earlier in [f for f in said_by.filters if isinstance(f, TruncationNotice)]:
+            said_by.removeFilter(earlier)  # a pipeline loaded before in this process
+        said_by.addFilter(notice)
     cfg = settle_config(pipe, cfg)
     if cfg.scheduler != "pipeline":
         cls_name, extra = SCHEDULERS[cfg.scheduler]

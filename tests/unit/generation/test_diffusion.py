@@ -91,6 +91,21 @@ def test_family_loads_and_renders_seeded_images(pipelines, family, caplog, capsy
         torch.testing.assert_close(rows, own.reshape(copies, n, *own.shape[1:]), msg=name)
 
 
+def test_long_captions_are_cut_with_one_notice_per_actor(pipelines, caplog, capfd):
+    """diffusers warns on every call that truncates, quoting the cut text once per image."""
+    generator = DiffusersGenerator(GeneratorConfig(model=str(pipelines["sd15"]), steps=1, resolution=64,
+                                                   output_size=16, images_per_caption=2))
+    long = {"caption_id": np.array([0, 1]), "position": np.array([0, 1]), "caption": np.array(["a red cube " * 20] * 2)}
+    with caplog.at_level(logging.WARNING, logger="stablerep_ray.generation.diffusion"):
+        for _ in range(2):
+            assert generator(long)["images"].shape == (2, 2, 16, 16, 3)
+    notices = [r.getMessage() for r in caplog.records if "cuts captions" in r.getMessage()]
+    assert notices == [f"generator: {pipelines['sd15']} cuts captions longer than its text encoders take "
+                       f"(77 tokens for a CLIP encoder); said once per actor"]
+    printed = capfd.readouterr()
+    assert "truncated" not in printed.err + printed.out and "sequence length" not in printed.err + printed.out
+
+
 def test_flow_matching_pipeline_refuses_a_ddpm_sampler_when_loaded(pipelines):
     """A hub id cannot be checked before Ray starts: the actor refuses with the same one line."""
     with pytest.raises(ConfigError, match=r"generator\.scheduler: StableDiffusion3Pipeline samples with "
