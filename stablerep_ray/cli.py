@@ -323,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--family", choices=FAMILIES, default="sd15",
                    help="architecture: SD 1.5, SDXL (two CLIP encoders), PixArt-alpha (T5), SD3 (flow matching), "
-                        "FLUX.1-dev (packed latents, guidance embedding), Sana (Gemma 2, DC-AE)")
+                        "FLUX.1-dev (packed latents, guidance embedding), Sana (Gemma 2, DC-AE), Qwen-Image "
+                        "(Qwen2.5-VL, true_cfg_scale)")
     p.set_defaults(func=cmd_make_tiny_pipeline)
 
     p = sub.add_parser("make-tiny-llm", help="save a tiny random causal language model for offline use")

@@ -68,7 +68,9 @@ class GeneratorConfig(_Section):
     )
     steps: int = Field(20, gt=0, description="Denoising steps per image.")
     guidance_scale: float = Field(
-        2.0, ge=0, description="Classifier-free guidance scale w (StableRep uses 2; SynCLR 2.5)."
+        2.0, ge=0, description="Classifier-free guidance scale w (StableRep uses 2; SynCLR 2.5); passed as "
+        "the pipeline's true_cfg_scale where that is its guidance (Qwen-Image), as the guidance embedding for "
+        "guidance-distilled models (FLUX.1-dev)."
     )
     resolution: int = Field(512, gt=0, description="Generation resolution in pixels (multiple of 8).")
     output_size: int = Field(

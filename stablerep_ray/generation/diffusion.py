@@ -1,6 +1,6 @@
 """The diffusers backend: any diffusers text-to-image pipeline loaded with ``from_pretrained``.
 
-UNet (SD 1.x/2.x, SDXL) and transformer (PixArt, SD3, Sana, Flux) denoisers with one or several
+UNet (SD 1.x/2.x, SDXL) and transformer (PixArt, SD3, Sana, Flux, Qwen-Image) denoisers with one or several
 text encoders take the same path. Each actor loads its pipeline once, gives it the settings its
 model needs where the config left the schema defaults (``pipelines.model_settings``, logged), and
 renders ``captions_per_call x n`` images per call. Image j of a row with image key k (its source
@@ -68,6 +68,32 @@ def call_args(pipe) -> dict:
     """``FIXED_CALL_ARGS`` that this pipeline's ``__call__`` accepts."""
     accepted = inspect.signature(pipe.__call__).parameters
     return {k: v for k, v in FIXED_CALL_ARGS.items() if k in accepted}
+
+
+def guidance_parameter(pipe, model: str) -> str:
+    """The ``__call__`` argument that takes the config's guidance scale. Most pipelines take
+    ``guidance_scale``. Where a pipeline also has ``true_cfg_scale`` and its denoiser embeds no
+    guidance (Qwen-Image, FLUX.1-schnell), ``guidance_scale`` is meant for guidance-distilled weights
+    and ignored, and classifier-free guidance is ``true_cfg_scale``, on only with a negative prompt."""
+    accepted = inspect.signature(pipe.__call__).parameters
+    embeds_guidance = bool(denoiser(pipe)[1].config.get("guidance_embeds", False))
+    if "true_cfg_scale" in accepted and not (embeds_guidance and "guidance_scale" in accepted):
+        return "true_cfg_scale"
+    if "guidance_scale" in accepted:
+        return "guidance_scale"
+    raise ConfigError(
+        f"generator.model: {model} holds a {type(pipe).__name__}, which takes neither guidance_scale nor "
+        f"true_cfg_scale, so generator.guidance_scale cannot be applied; use a pipeline that takes one"
+    )
+
+
+def guidance_args(parameter: str, scale: float, images: int) -> dict:
+    """The guidance arguments of one call of ``images`` images: with ``true_cfg_scale`` above 1 an empty
+    negative prompt per image, which turns classifier-free guidance on (the other pipelines use the
+    empty prompt as their unconditional branch by default)."""
+    if parameter == "true_cfg_scale" and scale > 1:
+        return {parameter: scale, "negative_prompt": [""] * images}
+    return {parameter: scale}
 
 
 def settle_config(pipe, cfg: GeneratorConfig) -> GeneratorConfig:
@@ -208,6 +234,7 @@ class DiffusersGenerator:
     def __init__(self, config: GeneratorConfig):
         self.pipe, self.device, self.cfg = load_pipeline(config)
         self.call_args = call_args(self.pipe)
+        self.guidance_parameter = guidance_parameter(self.pipe, config.model)
         self.dropped = 0  # images flagged by the safety checker
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -219,19 +246,20 @@ class DiffusersGenerator:
             for key in image_keys(batch)
             for j in range(n)
         ]
+        # Each caption written n times, not num_images_per_prompt=n: several diffusers pipelines (Sana,
+        # Lumina 2, AuraFlow, HunyuanDiT) repeat the text attention mask in another order than the text
+        # states, so with several captions per call an image would be masked by another caption's
+        # mask. The text encoder's share of the cost is small.
+        prompts = [caption for caption in captions for _ in range(n)]
         with torch.inference_mode():
             out = self.pipe(
-                # Each caption written n times, not num_images_per_prompt=n: several diffusers pipelines
-                # (Sana, Lumina 2, AuraFlow, HunyuanDiT) repeat the text attention mask in another
-                # order than the text states, so with several captions per call an image would be
-                # masked by another caption's mask. The text encoder's share of the cost is small.
-                prompt=[caption for caption in captions for _ in range(n)],
+                prompt=prompts,
                 generator=generators,
                 num_inference_steps=cfg.steps,
-                guidance_scale=cfg.guidance_scale,
                 height=cfg.resolution,
                 width=cfg.resolution,
                 output_type="pt",
+                **guidance_args(self.guidance_parameter, cfg.guidance_scale, len(prompts)),
                 **self.call_args,
             )
         # (B*n, 3, H, W) float in [0, 1], caption-major like the prompts.

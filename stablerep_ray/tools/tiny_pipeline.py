@@ -12,10 +12,12 @@ the component classes of its real model at a toy size:
 - ``flux``: FLUX.1-dev (FluxTransformer2DModel with guidance embedding, a CLIP and a T5 encoder,
   packed 16-channel latents, flow matching with resolution-dependent shift);
 - ``sana``: Sana (SanaTransformer2DModel, a Gemma 2 decoder as text encoder, the DC-AE autoencoder,
-  flow sampling through DPM-Solver).
+  flow sampling through DPM-Solver);
+- ``qwenimage``: Qwen-Image (QwenImageTransformer2DModel, a Qwen2.5-VL model as text encoder, its
+  causal-conv VAE, flow matching; classifier-free guidance through ``true_cfg_scale``).
 
-Tokenizers are built from code (byte-level CLIP BPE, character T5 unigram and Gemma BPE), so nothing
-is downloaded. The images do not depend on the caption in any useful way: use the simulator backend to
+Tokenizers are built from code (byte-level CLIP and Qwen BPE, character T5 unigram and Gemma BPE), so
+nothing is downloaded. The images do not depend on the caption in any useful way: use the simulator backend to
 see learning offline.
 """
 
@@ -25,7 +27,7 @@ import json
 import tempfile
 from pathlib import Path
 
-FAMILIES = ("sd15", "sdxl", "pixart", "sd3", "flux", "sana")
+FAMILIES = ("sd15", "sdxl", "pixart", "sd3", "flux", "sana", "qwenimage")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -83,10 +85,11 @@ def make_tiny_pipeline(directory: str | Path, seed: int = 0, sample_size: int = 
     """Save a tiny ``family`` text-to-image pipeline to ``directory``; returns the directory.
 
     ``sample_size`` is the denoiser's nominal latent size; with the two-level VAE (scale factor 2)
-    the pipeline's native resolution is ``2 * sample_size`` pixels (64 by default). Flux ignores it:
-    its pipeline fixes the latent size at 128, so its native resolution is 256 pixels.
+    the pipeline's native resolution is ``2 * sample_size`` pixels (64 by default). Flux and Qwen-Image
+    ignore it: their pipelines fix the latent size at 128, so their native resolution is 256 pixels.
     """
-    builders = {"sd15": _sd15, "sdxl": _sdxl, "pixart": _pixart, "sd3": _sd3, "flux": _flux, "sana": _sana}
+    builders = {"sd15": _sd15, "sdxl": _sdxl, "pixart": _pixart, "sd3": _sd3, "flux": _flux, "sana": _sana,
+                "qwenimage": _qwenimage}
     if family not in builders:
         raise ValueError(f"family {family!r}: choose one of {', '.join(FAMILIES)}")
     directory = Path(directory)
@@ -102,6 +105,15 @@ def make_tiny_pipeline(directory: str | Path, seed: int = 0, sample_size: int = 
 
 
 _BLOCKS = {"block_out_channels": (32, 64), "norm_num_groups": 32}  # two small levels: UNets and VAEs
+
+
+def tiny_qwen_tokenizer():
+    """A byte-level Qwen2 BPE tokenizer with no merges and the chat-template tokens Qwen-Image uses."""
+    from transformers import Qwen2Tokenizer
+
+    symbols = list(_bytes_to_unicode().values()) + ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    return Qwen2Tokenizer(vocab={s: i for i, s in enumerate(symbols)}, merges=[], eos_token="<|im_end|>",
+                          pad_token="<|endoftext|>", extra_special_tokens=["<|im_start|>"])
 
 
 def _vae(latent_channels: int = 4, **extra):
@@ -258,3 +270,40 @@ def _sana(_clip_tokenizer, sample_size: int):
     scheduler = DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")
     return SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                         scheduler=scheduler)
+
+
+def _qwenimage(_clip_tokenizer, _sample_size: int):
+    """Qwen-Image: a dual-stream transformer over the last states of a Qwen2.5-VL model (32 wide, the
+    vision tower unused for text) and 2x2-packed latents of its causal-conv VAE (4 channels, one
+    spatial level here), 3-axis rotary positions (4 + 6 + 6 = the head width), shifted flow matching."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = tiny_qwen_tokenizer()
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+                     "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+                     "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "bos_token_id": None},
+        vision_config={"depth": 1, "hidden_size": 32, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32,
+                       "fullatt_block_indexes": [0]},
+        vocab_size=len(tokenizer),
+    ))
+    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
+        shift_terminal=0.02, time_shift_type="exponential",
+    )
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)

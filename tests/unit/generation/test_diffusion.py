@@ -13,7 +13,7 @@ from stablerep_ray.tools.tiny_pipeline import FAMILIES, make_tiny_pipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 # (denoiser, scheduler the actor runs with the config's default sampler, call arguments it fixes,
-# native resolution: 2 x the tiny sample size, Flux's pipeline fixes its latent size at 128)
+# native resolution: 2 x the tiny sample size; Flux's and Qwen-Image's pipelines fix the latent size at 128)
 PIXART_ARGS = {"use_resolution_binning": False, "clean_caption": False}
 EXPECTED = {
     "sd15": ("unet", "DPMSolverMultistepScheduler", {}, 64),
@@ -22,6 +22,7 @@ EXPECTED = {
     "sd3": ("transformer", "FlowMatchEulerDiscreteScheduler", {}, 64),
     "flux": ("transformer", "FlowMatchEulerDiscreteScheduler", {}, 256),
     "sana": ("transformer", "DPMSolverMultistepScheduler", PIXART_ARGS, 64),  # its own, flow sigmas
+    "qwenimage": ("transformer", "FlowMatchEulerDiscreteScheduler", {}, 256),
 }
 
 
@@ -80,15 +81,65 @@ def test_family_loads_and_renders_seeded_images(pipelines, family, caplog, capsy
     assert np.abs(alone[0].astype(int) - images[1].astype(int)).max() <= 2, "an image depends on its position only"
     # ... and so does everything its denoiser is given: text states, attention masks, pooled and time
     # embeddings, latents (rows: [unconditional..., conditional...] with guidance, caption-major each)
-    assert inputs.keys() == alone_inputs.keys()
-    for name, together in inputs.items():
-        own = alone_inputs[name]
-        if together.shape == own.shape:  # not per image (Flux's position ids)
-            assert torch.equal(together, own), name
+    assert_same_conditioning(inputs, alone_inputs, captions=3, caption=1, n=n)
+
+
+def assert_same_conditioning(together: dict, alone: dict, captions: int, caption: int, n: int) -> None:
+    """The denoiser inputs of ``caption``'s images in a call of ``captions`` captions equal those of a
+    call of that caption alone. Qwen-Image pads text states to the call's longest caption and passes
+    a mask only when lengths differ: padding must be zeros, and masked out."""
+    length = alone["encoder_hidden_states"].shape[1]
+    for name in together.keys() - alone.keys():
+        assert "mask" in name, f"{name}: only in the call of several captions"
+        mask = together[name].reshape(-1, captions, n, *together[name].shape[1:])[:, caption]
+        assert mask[..., :length].all() and not mask[..., length:].any(), name
+    assert alone.keys() <= together.keys()
+    for name, own in alone.items():
+        if together[name].shape == own.shape:  # not per image (Flux's position ids)
+            assert torch.equal(together[name], own), name
             continue
         copies = own.shape[0] // n
-        rows = together.reshape(copies, 3, n, *together.shape[1:])[:, 1]
-        torch.testing.assert_close(rows, own.reshape(copies, n, *own.shape[1:]), msg=name)
+        own = own.reshape(copies, n, *own.shape[1:])
+        rows = together[name].reshape(copies, captions, n, *together[name].shape[1:])[:, caption]
+        if rows.shape != own.shape:  # padded to the call's longest caption
+            region = tuple(slice(0, size) for size in own.shape)
+            padding = rows.clone()
+            padding[region] = 0
+            assert not padding.any(), f"{name}: padding is not zeros"
+            rows = rows[region]
+        torch.testing.assert_close(rows, own, msg=name)
+
+
+@pytest.mark.parametrize(("family", "parameter"), [("qwenimage", "true_cfg_scale"), ("sd15", "guidance_scale"),
+                                                   ("flux", "guidance_scale")])
+def test_guidance_scale_reaches_the_pipeline_as_its_guidance(pipelines, family, parameter):
+    """Denoiser rows per step for 4 images: 8 under classifier-free guidance (SD batches both branches,
+    Qwen-Image runs two passes), 4 without. Qwen-Image guides through true_cfg_scale, on only with a
+    negative prompt (its guidance_scale is for guidance-distilled weights, ignored otherwise);
+    FLUX.1-dev takes guidance_scale as an embedding, one pass a step."""
+    rows, embedded = {}, {}
+    for scale in (1.0, 3.0):
+        generator = DiffusersGenerator(GeneratorConfig(model=str(pipelines[family]), steps=2, resolution=64,
+                                                       output_size=16, images_per_caption=2, guidance_scale=scale))
+        assert generator.guidance_parameter == parameter
+        calls = denoiser_calls(generator, [0, 1])
+        rows[scale] = sum((args[0] if args else kwargs["hidden_states"]).shape[0] for args, kwargs in calls) // 2
+        embedded[scale] = {float(v) for _, kwargs in calls if kwargs.get("guidance") is not None
+                           for v in kwargs["guidance"]}
+    assert rows == ({1.0: 4, 3.0: 4} if family == "flux" else {1.0: 4, 3.0: 8})
+    assert embedded == ({1.0: {1.0}, 3.0: {3.0}} if family == "flux" else {1.0: set(), 3.0: set()})
+
+
+def denoiser_calls(generator, positions: list[int]) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) of every denoiser call while ``generator`` renders one batch."""
+    calls = []
+    hook = denoiser(generator.pipe)[1].register_forward_pre_hook(
+        lambda _module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    try:
+        generator(batch(positions))
+    finally:
+        hook.remove()
+    return calls
 
 
 def test_long_captions_are_cut_with_one_notice_per_actor(pipelines, caplog, capfd):
@@ -117,6 +168,6 @@ def test_tokenizer_source_is_the_first_clip_tokenizer(pipelines):
     for family in ("sd15", "sdxl", "sd3", "flux"):
         assert DiffusersGenerator.tokenizer_source(GeneratorConfig(model=str(pipelines[family]))) == (
             str(pipelines[family]), "tokenizer")
-    for family, tokenizer in (("pixart", "T5Tokenizer"), ("sana", "GemmaTokenizer")):
+    for family, tokenizer in (("pixart", "T5Tokenizer"), ("sana", "GemmaTokenizer"), ("qwenimage", "Qwen2Tokenizer")):
         with pytest.raises(ConfigError, match=rf"model\.text\.tokenizer: .* has no CLIP tokenizer .*{tokenizer}"):
             DiffusersGenerator.tokenizer_source(GeneratorConfig(model=str(pipelines[family])))
