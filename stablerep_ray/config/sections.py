@@ -103,7 +103,8 @@ class GeneratorConfig(_Section):
     model_defaults: bool = Field(
         True,
         description="Where steps, guidance_scale, scheduler or resolution are left at these defaults, "
-        "use the model's own: few-step models (SDXL-Turbo, SD3.5-Turbo, FLUX.1-schnell, LCM) their "
+        "use the model's own: few-step models (SDXL-Turbo, SD3.5-Turbo, FLUX.1-schnell, FLUX.2-klein, "
+        "Z-Image-Turbo, LCM) their "
         "steps, guidance and scheduler; flow-matching models their scheduler; every model its native "
         "resolution. Each change is logged; false keeps the config as written.",
     )

@@ -103,7 +103,7 @@ def settle_config(pipe, cfg: GeneratorConfig) -> GeneratorConfig:
     check_text_to_image(cfg.model, pipeline_class, [n for n, c in pipe.components.items() if c is not None])
     scheduler = dict(pipe.scheduler.config)
     defaults = {k: p.default for k, p in inspect.signature(pipe.__call__).parameters.items()}
-    changes = model_settings(cfg, pipeline_class, scheduler, native_resolution(pipe), defaults)
+    changes = model_settings(cfg, pipeline_class, scheduler, native_resolution(pipe), defaults, dict(pipe.config))
     if changes:
         was = ", ".join(f"{k} {getattr(cfg, k)!r} -> {v!r}" for k, v in changes.items())
         logger.warning(

@@ -30,9 +30,13 @@ FEW_STEP_MODELS = {
     "stable-diffusion-3.5-large-turbo": (4, 0.0),
     "flux.1-schnell": (4, 0.0),
     "pixart-lcm": (4, 0.0),
+    "z-image-turbo": (9, 0.0),  # 9 scheduler steps are 8 denoiser passes
 }
 # Few-step pipeline classes: their own ``__call__`` defaults hold their steps and guidance.
 FEW_STEP_CLASSES = ("LatentConsistencyModelPipeline", "SanaSprintPipeline")
+# Pipeline classes whose config flags step-distilled weights (``is_distilled``; the base model of the
+# same class is not) -> (steps, guidance scale) from the model card.
+FEW_STEP_WHEN_DISTILLED = {"Flux2KleinPipeline": (4, 1.0)}
 
 
 def check_pipeline_path(cfg: GeneratorConfig) -> None:
@@ -65,7 +69,7 @@ def check_pipeline_path(cfg: GeneratorConfig) -> None:
     scheduler = path / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
         config = read_json_object(scheduler)
-        wanted = model_settings(cfg, class_name, config).get("scheduler", cfg.scheduler)
+        wanted = model_settings(cfg, class_name, config, pipeline_config=components).get("scheduler", cfg.scheduler)
         check_scheduler(wanted, config, str(config.get("_class_name")), class_name)
 
 
@@ -115,13 +119,15 @@ def samples_ddpm_noise(scheduler_config: dict) -> bool:
 
 
 def model_settings(cfg: GeneratorConfig, pipeline_class: str, scheduler_config: dict,
-                   native_resolution: int | None = None, call_defaults: dict | None = None) -> dict:
+                   native_resolution: int | None = None, call_defaults: dict | None = None,
+                   pipeline_config: dict | None = None) -> dict:
     """The settings this model needs in place of schema defaults the config left untouched.
 
     Few-step models get their steps, guidance and own scheduler; models whose scheduler is not a
     DDPM sampler (flow matching) keep it; every model gets its native resolution. Empty with
     ``generator.model_defaults: false``. ``call_defaults`` (the pipeline's ``__call__`` defaults) and
-    ``native_resolution`` are known only once the pipeline is loaded.
+    ``native_resolution`` are known only once the pipeline is loaded; ``pipeline_config`` is
+    model_index.json's or the loaded pipeline's config.
     """
     if not cfg.model_defaults:
         return {}
@@ -129,6 +135,8 @@ def model_settings(cfg: GeneratorConfig, pipeline_class: str, scheduler_config: 
     few = next((v for k, v in FEW_STEP_MODELS.items() if k in cfg.model.lower()), None)
     if few is None and pipeline_class in FEW_STEP_CLASSES and call_defaults:
         few = (call_defaults["num_inference_steps"], call_defaults["guidance_scale"])
+    if few is None and (pipeline_config or {}).get("is_distilled"):
+        few = FEW_STEP_WHEN_DISTILLED.get(pipeline_class)
     if few or pipeline_class in FEW_STEP_CLASSES or not samples_ddpm_noise(scheduler_config):
         wanted["scheduler"] = "pipeline"
     if few:

@@ -97,5 +97,13 @@ def test_model_settings_replace_only_untouched_defaults():
     lcm = model_settings(GeneratorConfig(model="a/b"), "LatentConsistencyModelPipeline", DDPM,
                          call_defaults={"num_inference_steps": 4, "guidance_scale": 8.5})
     assert lcm == {"steps": 4, "guidance_scale": 8.5, "scheduler": "pipeline"}
+    zimage = model_settings(GeneratorConfig(model="Tongyi-MAI/Z-Image-Turbo"), "ZImagePipeline", FLOW)
+    assert zimage == {"steps": 9, "guidance_scale": 0.0, "scheduler": "pipeline"}
+    klein = GeneratorConfig(model="black-forest-labs/FLUX.2-klein-4B")
+    assert model_settings(klein, "Flux2KleinPipeline", FLOW, pipeline_config={"is_distilled": True}) == {
+        "steps": 4, "guidance_scale": 1.0, "scheduler": "pipeline"}
+    klein_base = GeneratorConfig(model="black-forest-labs/FLUX.2-klein-base-4B")  # the same class, not distilled
+    assert model_settings(klein_base, "Flux2KleinPipeline", FLOW, pipeline_config={"is_distilled": False}) == {
+        "scheduler": "pipeline"}
     off = GeneratorConfig(model="stabilityai/sdxl-turbo", model_defaults=False)
     assert model_settings(off, "StableDiffusionXLPipeline", DDPM, native_resolution=1024) == {}
