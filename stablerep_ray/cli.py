@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=FAMILIES, default="sd15",
                    help="architecture: SD 1.5, SDXL (two CLIP encoders), PixArt-alpha (T5), SD3 (flow matching), "
                         "FLUX.1-dev (packed latents, guidance embedding), Sana (Gemma 2, DC-AE), Qwen-Image "
-                        "(Qwen2.5-VL, true_cfg_scale)")
+                        "(Qwen2.5-VL, true_cfg_scale), Z-Image (Qwen3, single-stream DiT)")
     p.set_defaults(func=cmd_make_tiny_pipeline)
 
     p = sub.add_parser("make-tiny-llm", help="save a tiny random causal language model for offline use")

@@ -14,7 +14,9 @@ the component classes of its real model at a toy size:
 - ``sana``: Sana (SanaTransformer2DModel, a Gemma 2 decoder as text encoder, the DC-AE autoencoder,
   flow sampling through DPM-Solver);
 - ``qwenimage``: Qwen-Image (QwenImageTransformer2DModel, a Qwen2.5-VL model as text encoder, its
-  causal-conv VAE, flow matching; classifier-free guidance through ``true_cfg_scale``).
+  causal-conv VAE, flow matching; classifier-free guidance through ``true_cfg_scale``);
+- ``zimage``: Z-Image (ZImageTransformer2DModel, a single-stream DiT over a Qwen3 model's chat-templated
+  states, a 16-channel VAE, flow matching).
 
 Tokenizers are built from code (byte-level CLIP and Qwen BPE, character T5 unigram and Gemma BPE), so
 nothing is downloaded. The images do not depend on the caption in any useful way: use the simulator backend to
@@ -27,7 +29,7 @@ import json
 import tempfile
 from pathlib import Path
 
-FAMILIES = ("sd15", "sdxl", "pixart", "sd3", "flux", "sana", "qwenimage")
+FAMILIES = ("sd15", "sdxl", "pixart", "sd3", "flux", "sana", "qwenimage", "zimage")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -87,9 +89,10 @@ def make_tiny_pipeline(directory: str | Path, seed: int = 0, sample_size: int = 
     ``sample_size`` is the denoiser's nominal latent size; with the two-level VAE (scale factor 2)
     the pipeline's native resolution is ``2 * sample_size`` pixels (64 by default). Flux and Qwen-Image
     ignore it: their pipelines fix the latent size at 128, so their native resolution is 256 pixels.
+    Z-Image's pipeline fixes 1024 pixels in its ``__call__``, where no config shows it.
     """
     builders = {"sd15": _sd15, "sdxl": _sdxl, "pixart": _pixart, "sd3": _sd3, "flux": _flux, "sana": _sana,
-                "qwenimage": _qwenimage}
+                "qwenimage": _qwenimage, "zimage": _zimage}
     if family not in builders:
         raise ValueError(f"family {family!r}: choose one of {', '.join(FAMILIES)}")
     directory = Path(directory)
@@ -108,12 +111,18 @@ _BLOCKS = {"block_out_channels": (32, 64), "norm_num_groups": 32}  # two small l
 
 
 def tiny_qwen_tokenizer():
-    """A byte-level Qwen2 BPE tokenizer with no merges and the chat-template tokens Qwen-Image uses."""
+    """A byte-level Qwen2 BPE tokenizer with no merges, the chat tokens and a plain chat template (Qwen-Image
+    writes its template out; Z-Image applies the tokenizer's)."""
     from transformers import Qwen2Tokenizer
 
     symbols = list(_bytes_to_unicode().values()) + ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    return Qwen2Tokenizer(vocab={s: i for i, s in enumerate(symbols)}, merges=[], eos_token="<|im_end|>",
-                          pad_token="<|endoftext|>", extra_special_tokens=["<|im_start|>"])
+    tokenizer = Qwen2Tokenizer(vocab={s: i for i, s in enumerate(symbols)}, merges=[], eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>", extra_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tokenizer
 
 
 def _vae(latent_channels: int = 4, **extra):
@@ -307,3 +316,27 @@ def _qwenimage(_clip_tokenizer, _sample_size: int):
     )
     return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                              transformer=transformer)
+
+
+def _zimage(_clip_tokenizer, _sample_size: int):
+    """Z-Image: a single-stream DiT (context and noise refiners, then joint layers) over the
+    second-to-last states of a Qwen3 model (32 wide) and 2x2 patches of a 16-channel VAE, 3-axis rotary
+    positions (4 + 6 + 6 = the head width), flow matching at shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = tiny_qwen_tokenizer()
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    ))
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64],
+    )
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=text_encoder, tokenizer=tokenizer,
+        vae=_vae(16, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False),
+        transformer=transformer,
+    )

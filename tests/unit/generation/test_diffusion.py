@@ -13,7 +13,8 @@ from stablerep_ray.tools.tiny_pipeline import FAMILIES, make_tiny_pipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 # (denoiser, scheduler the actor runs with the config's default sampler, call arguments it fixes,
-# native resolution: 2 x the tiny sample size; Flux's and Qwen-Image's pipelines fix the latent size at 128)
+# native resolution: 2 x the tiny sample size; Flux's and Qwen-Image's pipelines fix the latent size at
+# 128; Z-Image's shows none, so the config's resolution stays)
 PIXART_ARGS = {"use_resolution_binning": False, "clean_caption": False}
 EXPECTED = {
     "sd15": ("unet", "DPMSolverMultistepScheduler", {}, 64),
@@ -23,6 +24,7 @@ EXPECTED = {
     "flux": ("transformer", "FlowMatchEulerDiscreteScheduler", {}, 256),
     "sana": ("transformer", "DPMSolverMultistepScheduler", PIXART_ARGS, 64),  # its own, flow sigmas
     "qwenimage": ("transformer", "FlowMatchEulerDiscreteScheduler", {}, 256),
+    "zimage": ("transformer", "FlowMatchEulerDiscreteScheduler", {}, None),  # fixed in its __call__
 }
 
 
@@ -39,15 +41,20 @@ def batch(positions: list[int]) -> dict:
 
 
 def render_with_denoiser_inputs(generator, positions: list[int]) -> tuple[np.ndarray, dict]:
-    """The images of one call and the tensors its denoiser got at the first step (dicts flattened)."""
+    """The images of one call and what its denoiser got at the first step: tensors, and lists of
+    per-image tensors (Z-Image), by keyword or position (dicts flattened)."""
     inputs = {}
 
-    def capture(_module, _args, kwargs):
-        if not inputs:
-            for key, value in kwargs.items():
-                for name, tensor in (value.items() if isinstance(value, dict) else [(key, value)]):
-                    if isinstance(tensor, torch.Tensor):
-                        inputs[name] = tensor.clone()
+    def capture(_module, args, kwargs):
+        if inputs:
+            return
+        named = [(f"arg{i}", value) for i, value in enumerate(args)] + list(kwargs.items())
+        for key, value in named:
+            for name, item in (value.items() if isinstance(value, dict) else [(key, value)]):
+                if isinstance(item, torch.Tensor):
+                    inputs[name] = item.clone()
+                elif isinstance(item, list) and item and all(isinstance(x, torch.Tensor) for x in item):
+                    inputs[name] = [x.clone() for x in item]
 
     hook = denoiser(generator.pipe)[1].register_forward_pre_hook(capture, with_kwargs=True)
     try:
@@ -58,20 +65,21 @@ def render_with_denoiser_inputs(generator, positions: list[int]) -> tuple[np.nda
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_loads_and_renders_seeded_images(pipelines, family, caplog, capsys):
-    n = 2
-    config = GeneratorConfig(model=str(pipelines[family]), steps=2, output_size=16, images_per_caption=n)
+    n, denoiser_name, scheduler, fixed, native = 2, *EXPECTED[family]
+    config = GeneratorConfig(model=str(pipelines[family]), steps=2, output_size=16, images_per_caption=n,
+                             **({} if native else {"resolution": 64}))
     DiffusersGenerator.preflight(config)
     with caplog.at_level(logging.WARNING, logger="stablerep_ray.generation.diffusion"):
         generator = DiffusersGenerator(config)
     printed = capsys.readouterr()
     assert "it/s" not in printed.err + printed.out, "no loading progress bars: one line per actor"
     assert f"generator: {config.model} ({type(generator.pipe).__name__}) ready on cpu, float32" in printed.out
-    denoiser_name, scheduler, fixed, native = EXPECTED[family]
     assert getattr(generator.pipe, denoiser_name) is not None
     assert type(generator.pipe.scheduler).__name__ == scheduler
     assert generator.call_args == call_args(generator.pipe) == fixed
     # the resolution left at its default became the model's native one, logged
-    assert generator.cfg.resolution == native and f"resolution 512 -> {native}" in caplog.text
+    if native:
+        assert generator.cfg.resolution == native and f"resolution 512 -> {native}" in caplog.text
 
     images, inputs = render_with_denoiser_inputs(generator, [5, 6, 9])  # 6, 9: one caption, two positions
     assert images.shape == (3, n, 16, 16, 3) and images.dtype == np.uint8
@@ -86,28 +94,29 @@ def test_family_loads_and_renders_seeded_images(pipelines, family, caplog, capsy
 
 def assert_same_conditioning(together: dict, alone: dict, captions: int, caption: int, n: int) -> None:
     """The denoiser inputs of ``caption``'s images in a call of ``captions`` captions equal those of a
-    call of that caption alone. Qwen-Image pads text states to the call's longest caption and passes
-    a mask only when lengths differ: padding must be zeros, and masked out."""
-    length = alone["encoder_hidden_states"].shape[1]
+    call of that caption alone. Rows are [unconditional..., conditional...] under guidance, caption-major
+    in each. Qwen-Image pads text states to the call's longest caption and passes a mask only when
+    lengths differ: padding must be zeros, and masked out."""
     for name in together.keys() - alone.keys():
         assert "mask" in name, f"{name}: only in the call of several captions"
+        length = alone["encoder_hidden_states"].shape[1]
         mask = together[name].reshape(-1, captions, n, *together[name].shape[1:])[:, caption]
         assert mask[..., :length].all() and not mask[..., length:].any(), name
     assert alone.keys() <= together.keys()
     for name, own in alone.items():
-        if together[name].shape == own.shape:  # not per image (Flux's position ids)
+        if isinstance(own, torch.Tensor) and together[name].shape == own.shape:  # not per image: position ids
             assert torch.equal(together[name], own), name
             continue
-        copies = own.shape[0] // n
-        own = own.reshape(copies, n, *own.shape[1:])
-        rows = together[name].reshape(copies, captions, n, *together[name].shape[1:])[:, caption]
-        if rows.shape != own.shape:  # padded to the call's longest caption
-            region = tuple(slice(0, size) for size in own.shape)
-            padding = rows.clone()
-            padding[region] = 0
-            assert not padding.any(), f"{name}: padding is not zeros"
-            rows = rows[region]
-        torch.testing.assert_close(rows, own, msg=name)
+        for copy in range(len(own) // n):
+            for j in range(n):
+                row, own_row = together[name][(copy * captions + caption) * n + j], own[copy * n + j]
+                if row.shape != own_row.shape:  # padded to the call's longest caption
+                    region = tuple(slice(0, size) for size in own_row.shape)
+                    padding = row.clone()
+                    padding[region] = 0
+                    assert not padding.any(), f"{name}: padding is not zeros"
+                    row = row[region]
+                torch.testing.assert_close(row, own_row, msg=name)
 
 
 @pytest.mark.parametrize(("family", "parameter"), [("qwenimage", "true_cfg_scale"), ("sd15", "guidance_scale"),
@@ -168,6 +177,7 @@ def test_tokenizer_source_is_the_first_clip_tokenizer(pipelines):
     for family in ("sd15", "sdxl", "sd3", "flux"):
         assert DiffusersGenerator.tokenizer_source(GeneratorConfig(model=str(pipelines[family]))) == (
             str(pipelines[family]), "tokenizer")
-    for family, tokenizer in (("pixart", "T5Tokenizer"), ("sana", "GemmaTokenizer"), ("qwenimage", "Qwen2Tokenizer")):
+    for family, tokenizer in (("pixart", "T5Tokenizer"), ("sana", "GemmaTokenizer"), ("qwenimage", "Qwen2Tokenizer"),
+                              ("zimage", "Qwen2Tokenizer")):
         with pytest.raises(ConfigError, match=rf"model\.text\.tokenizer: .* has no CLIP tokenizer .*{tokenizer}"):
             DiffusersGenerator.tokenizer_source(GeneratorConfig(model=str(pipelines[family])))
