@@ -57,11 +57,18 @@ def denoiser(pipe) -> tuple[str, torch.nn.Module]:
     raise ConfigError(f"generator.model: {type(pipe).__name__} has no unet or transformer denoiser")
 
 
+# Pipelines that fix their default size inside ``__call__`` (``height = height or 1024``), where
+# neither the pipeline nor its denoiser's config shows it.
+NATIVE_RESOLUTION_IN_CALL = {"ZImagePipeline": 1024}
+
+
 def native_resolution(pipe) -> int | None:
     """The pixel size the model was trained at: its latent sample size x the VAE's scale factor."""
     size = getattr(pipe, "default_sample_size", None) or denoiser(pipe)[1].config.get("sample_size")
     scale = getattr(pipe, "vae_scale_factor", None)
-    return size * scale if isinstance(size, int) and isinstance(scale, int) else None
+    if isinstance(size, int) and isinstance(scale, int):
+        return size * scale
+    return NATIVE_RESOLUTION_IN_CALL.get(type(pipe).__name__)
 
 
 def call_args(pipe) -> dict:

@@ -89,7 +89,7 @@ def make_tiny_pipeline(directory: str | Path, seed: int = 0, sample_size: int = 
     ``sample_size`` is the denoiser's nominal latent size; with the two-level VAE (scale factor 2)
     the pipeline's native resolution is ``2 * sample_size`` pixels (64 by default). Flux and Qwen-Image
     ignore it: their pipelines fix the latent size at 128, so their native resolution is 256 pixels.
-    Z-Image's pipeline fixes 1024 pixels in its ``__call__``, where no config shows it.
+    Z-Image's pipeline fixes 1024 pixels in its ``__call__``.
     """
     builders = {"sd15": _sd15, "sdxl": _sdxl, "pixart": _pixart, "sd3": _sd3, "flux": _flux, "sana": _sana,
                 "qwenimage": _qwenimage, "zimage": _zimage}
