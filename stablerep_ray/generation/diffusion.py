@@ -1,9 +1,9 @@
 """The diffusers backend: any diffusers text-to-image pipeline loaded with ``from_pretrained``.
 
-UNet (SD 1.x/2.x, SDXL) and transformer (PixArt, SD3, Sana, Flux, Qwen-Image) denoisers with one or several
-text encoders take the same path. Each actor loads its pipeline once, gives it the settings its
-model needs where the config left the schema defaults (``pipelines.model_settings``, logged), and
-renders ``captions_per_call x n`` images per call. Image j of a row with image key k (its source
+UNet (SD 1.x/2.x, SDXL) and transformer (PixArt, SD3, Sana, Flux, Qwen-Image, Z-Image) denoisers with
+one or several text encoders take the same path. Each actor loads its pipeline once, gives it the
+settings its model needs where the config left the schema defaults (``pipelines.model_settings``,
+logged), and renders ``captions_per_call x n`` images per call. Image j of a row with image key k (its source
 position, mixed with its pass over the source after the first: ``image_keys``) is drawn from its own
 torch.Generator seeded with ``image_seed(base, k, j)``, so the same configuration regenerates the same
 images whatever actor, block or batch a row lands in.
@@ -152,6 +152,7 @@ def load_pipeline(cfg: GeneratorConfig):
     from diffusers import DiffusionPipeline
 
     quiet_model_loading()
+    diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components"
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device)
