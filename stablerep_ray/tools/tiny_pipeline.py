@@ -19,8 +19,8 @@ the component classes of its real model at a toy size:
   states, a 16-channel VAE, flow matching).
 
 Tokenizers are built from code (byte-level CLIP and Qwen BPE, character T5 unigram and Gemma BPE), so
-nothing is downloaded. The images do not depend on the caption in any useful way: use the simulator backend to
-see learning offline.
+nothing is downloaded. The images do not depend on the caption in any useful way: use the simulator
+backend to see learning offline.
 """
 
 from __future__ import annotations
@@ -132,6 +132,11 @@ def _vae(latent_channels: int = 4, **extra):
         **_BLOCKS, in_channels=3, out_channels=3, latent_channels=latent_channels,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, **extra,
     )
+
+
+def _flux_vae():
+    """FLUX.1's 16-channel autoencoder (Z-Image uses it too): its latent shift and scale, no quant convs."""
+    return _vae(16, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
 
 
 def _unet(sample_size: int, cross_attention_dim: int, **extra):
@@ -248,7 +253,7 @@ def _flux(tokenizer, _sample_size: int):
     )
     return FluxPipeline(
         transformer=transformer, scheduler=scheduler,
-        vae=_vae(16, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False),
+        vae=_flux_vae(),
         text_encoder=_clip(tokenizer), tokenizer=tokenizer,
         text_encoder_2=_t5(t5_tokenizer, 32), tokenizer_2=t5_tokenizer,
     )
@@ -337,6 +342,6 @@ def _zimage(_clip_tokenizer, _sample_size: int):
     )
     return ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=text_encoder, tokenizer=tokenizer,
-        vae=_vae(16, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False),
+        vae=_flux_vae(),
         transformer=transformer,
     )
