@@ -44,22 +44,33 @@ def batch(positions: list[int]) -> dict:
 def render_with_denoiser_inputs(generator, positions: list[int]) -> tuple[np.ndarray, dict]:
     """The images of one call and what its denoiser got at the first step: tensors, and lists of
     per-image tensors (Z-Image), by keyword or position (dicts flattened)."""
+    images, calls = denoiser_calls(generator, positions)
+    args, kwargs = calls[0]
     inputs = {}
+    for key, value in [(f"arg{i}", value) for i, value in enumerate(args)] + list(kwargs.items()):
+        for name, item in (value.items() if isinstance(value, dict) else [(key, value)]):
+            if isinstance(item, torch.Tensor) or (
+                    isinstance(item, list) and item and all(isinstance(x, torch.Tensor) for x in item)):
+                inputs[name] = item
+    return images, inputs
 
-    def capture(_module, args, kwargs):
-        if inputs:
-            return
-        named = [(f"arg{i}", value) for i, value in enumerate(args)] + list(kwargs.items())
-        for key, value in named:
-            for name, item in (value.items() if isinstance(value, dict) else [(key, value)]):
-                if isinstance(item, torch.Tensor):
-                    inputs[name] = item.clone()
-                elif isinstance(item, list) and item and all(isinstance(x, torch.Tensor) for x in item):
-                    inputs[name] = [x.clone() for x in item]
 
-    hook = denoiser(generator.pipe)[1].register_forward_pre_hook(capture, with_kwargs=True)
+def denoiser_calls(generator, positions: list[int]) -> tuple[np.ndarray, list[tuple[tuple, dict]]]:
+    """The images of one batch and the (args, kwargs) of every denoiser call that rendered it, tensors
+    copied as they were passed."""
+    calls = []
+
+    def copied(value):
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        if isinstance(value, (list, tuple)):
+            return type(value)(copied(v) for v in value)
+        return {k: copied(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    hook = denoiser(generator.pipe)[1].register_forward_pre_hook(
+        lambda _module, args, kwargs: calls.append((copied(args), copied(kwargs))), with_kwargs=True)
     try:
-        return generator(batch(positions))["images"], inputs
+        return generator(batch(positions))["images"], calls
     finally:
         hook.remove()
 
@@ -132,24 +143,12 @@ def test_guidance_scale_reaches_the_pipeline_as_its_guidance(pipelines, family, 
         generator = DiffusersGenerator(GeneratorConfig(model=str(pipelines[family]), steps=2, resolution=64,
                                                        output_size=16, images_per_caption=2, guidance_scale=scale))
         assert generator.guidance_parameter == parameter
-        calls = denoiser_calls(generator, [0, 1])
+        _, calls = denoiser_calls(generator, [0, 1])
         rows[scale] = sum((args[0] if args else kwargs["hidden_states"]).shape[0] for args, kwargs in calls) // 2
         embedded[scale] = {float(v) for _, kwargs in calls if kwargs.get("guidance") is not None
                            for v in kwargs["guidance"]}
     assert rows == ({1.0: 4, 3.0: 4} if family == "flux" else {1.0: 4, 3.0: 8})
     assert embedded == ({1.0: {1.0}, 3.0: {3.0}} if family == "flux" else {1.0: set(), 3.0: set()})
-
-
-def denoiser_calls(generator, positions: list[int]) -> list[tuple[tuple, dict]]:
-    """The (args, kwargs) of every denoiser call while ``generator`` renders one batch."""
-    calls = []
-    hook = denoiser(generator.pipe)[1].register_forward_pre_hook(
-        lambda _module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
-    try:
-        generator(batch(positions))
-    finally:
-        hook.remove()
-    return calls
 
 
 def test_long_captions_are_cut_with_one_notice_per_actor(pipelines, caplog, capfd):
