@@ -27,6 +27,7 @@ from .pipelines import (
     check_pipeline_path,
     check_scheduler,
     check_text_to_image,
+    choose_guidance,
     is_component,
     model_settings,
     read_json_object,
@@ -78,20 +79,9 @@ def call_args(pipe) -> dict:
 
 
 def guidance_parameter(pipe, model: str) -> str:
-    """The ``__call__`` argument that takes the config's guidance scale. Most pipelines take
-    ``guidance_scale``. Where a pipeline also has ``true_cfg_scale`` and its denoiser embeds no
-    guidance (Qwen-Image, FLUX.1-schnell), ``guidance_scale`` is meant for guidance-distilled weights
-    and ignored, and classifier-free guidance is ``true_cfg_scale``, on only with a negative prompt."""
-    accepted = inspect.signature(pipe.__call__).parameters
+    """The ``__call__`` argument of this loaded pipeline that takes the guidance scale (``choose_guidance``)."""
     embeds_guidance = bool(denoiser(pipe)[1].config.get("guidance_embeds", False))
-    if "true_cfg_scale" in accepted and not (embeds_guidance and "guidance_scale" in accepted):
-        return "true_cfg_scale"
-    if "guidance_scale" in accepted:
-        return "guidance_scale"
-    raise ConfigError(
-        f"generator.model: {model} holds a {type(pipe).__name__}, which takes neither guidance_scale nor "
-        f"true_cfg_scale, so generator.guidance_scale cannot be applied; use a pipeline that takes one"
-    )
+    return choose_guidance(model, type(pipe).__name__, inspect.signature(pipe.__call__).parameters, embeds_guidance)
 
 
 def guidance_args(parameter: str, scale: float, images: int) -> dict:

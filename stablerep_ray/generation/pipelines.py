@@ -1,12 +1,14 @@
 """What a diffusers text-to-image pipeline must hold, and the settings some models need.
 
 Read twice: from a local directory's ``model_index.json`` before Ray starts (``check_pipeline_path``),
-and from the loaded pipeline in each generator actor (``model_settings``, ``check_scheduler``), so
-UNet and transformer denoisers with one or several text encoders go through one code path.
+and from the loaded pipeline in each generator actor (``model_settings``, ``check_scheduler``,
+``choose_guidance``), so UNet and transformer denoisers with one or several text encoders go through
+one code path.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -66,11 +68,51 @@ def check_pipeline_path(cfg: GeneratorConfig) -> None:
             f"generator.model: {model} lists {', '.join(absent)} in model_index.json but has no "
             f"{'/, '.join(absent)}/ folder; the download or copy is incomplete, fetch the whole pipeline"
         )
+    check_pipeline_class(model, components, path)
     scheduler = path / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
         config = read_json_object(scheduler)
         wanted = model_settings(cfg, class_name, config, pipeline_config=components).get("scheduler", cfg.scheduler)
         check_scheduler(wanted, config, str(config.get("_class_name")), class_name)
+
+
+def check_pipeline_class(model: str, index: dict, path: Path) -> None:
+    """Refuse a pipeline class this diffusers lacks, or one that cannot take the guidance scale."""
+    import diffusers
+
+    class_name = index.get("_class_name")
+    if not isinstance(class_name, str):
+        return  # [module, class]: a pipeline shipped with its own code, checked when the actor loads it
+    try:
+        pipeline_class = getattr(diffusers, class_name, None)
+    except (ImportError, RuntimeError) as err:  # present, but an optional dependency is missing
+        raise ConfigError(f"generator.model: {model} needs diffusers' {class_name}, which does not import "
+                          f"here ({str(err).splitlines()[0]}); install what it names") from None
+    if pipeline_class is None:
+        saved = f" (saved with diffusers {index['_diffusers_version']})" if "_diffusers_version" in index else ""
+        raise ConfigError(
+            f"generator.model: {model} holds a {class_name}{saved}, which diffusers {diffusers.__version__} "
+            f"installed here does not have; upgrade diffusers (`uv add -U diffusers`) or use another pipeline"
+        )
+    denoiser_config = next((path / name / "config.json" for name in ("transformer", "unet")
+                            if (path / name / "config.json").is_file()), None)
+    embeds_guidance = bool(denoiser_config and read_json_object(denoiser_config).get("guidance_embeds"))
+    choose_guidance(model, class_name, inspect.signature(pipeline_class.__call__).parameters, embeds_guidance)
+
+
+def choose_guidance(model: str, pipeline_class: str, call_parameters, embeds_guidance: bool) -> str:
+    """The ``__call__`` argument that takes the config's guidance scale. Most pipelines take
+    ``guidance_scale``. Where a pipeline also has ``true_cfg_scale`` and its denoiser embeds no
+    guidance (Qwen-Image, FLUX.1-schnell), ``guidance_scale`` is meant for guidance-distilled weights
+    and ignored, and classifier-free guidance is ``true_cfg_scale``, on only with a negative prompt."""
+    if "true_cfg_scale" in call_parameters and not (embeds_guidance and "guidance_scale" in call_parameters):
+        return "true_cfg_scale"
+    if "guidance_scale" in call_parameters:
+        return "guidance_scale"
+    raise ConfigError(
+        f"generator.model: {model} holds a {pipeline_class}, which takes neither guidance_scale nor "
+        f"true_cfg_scale, so generator.guidance_scale cannot be applied; use a pipeline that takes one"
+    )
 
 
 def check_text_to_image(model: str, class_name: str, components: list[str]) -> None:

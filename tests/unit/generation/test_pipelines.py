@@ -67,6 +67,23 @@ def test_not_text_to_image_is_refused(tmp_path, index, expected):
     assert expected in message and "text-to-image pipeline is needed" in message
 
 
+def test_pipeline_class_must_exist_in_the_installed_diffusers(tmp_path):
+    import diffusers
+
+    message = refused(pipeline(tmp_path / "p", {**SD, "_class_name": "StableDiffusion9Pipeline",
+                                                "_diffusers_version": "9.1.0"}, DDPM))
+    assert message == (f"generator.model: {tmp_path / 'p'} holds a StableDiffusion9Pipeline (saved with diffusers "
+                       f"9.1.0), which diffusers {diffusers.__version__} installed here does not have; upgrade "
+                       f"diffusers (`uv add -U diffusers`) or use another pipeline")
+
+
+def test_pipeline_that_takes_no_guidance_scale_is_refused_before_ray_starts(tmp_path):
+    """HunyuanImage guides by a distilled embedding of its own (``distilled_guidance_scale``)."""
+    index = {**SD3, "_class_name": "HunyuanImagePipeline"}
+    message = refused(pipeline(tmp_path / "p", index, FLOW))
+    assert message.startswith("generator.model:") and "takes neither guidance_scale nor true_cfg_scale" in message
+
+
 def test_flow_matching_scheduler_cannot_be_replaced(tmp_path):
     model = pipeline(tmp_path / "p", SD3, FLOW)
     message = refused(model, scheduler="euler")
