@@ -1,7 +1,7 @@
 """The diffusers backend: any diffusers text-to-image pipeline loaded with ``from_pretrained``.
 
-UNet (SD 1.x/2.x, SDXL) and transformer (PixArt, SD3, Sana, Flux, Qwen-Image, Z-Image) denoisers with
-one or several text encoders take the same path. Each actor loads its pipeline once, gives it the
+UNet (SD 1.x/2.x, SDXL) and transformer (PixArt, SD3, Sana, Flux, FLUX.2, Qwen-Image, Z-Image) denoisers
+with one or several text encoders take the same path. Each actor loads its pipeline once, gives it the
 settings its model needs where the config left the schema defaults (``pipelines.model_settings``,
 logged), and renders ``captions_per_call x n`` images per call. Image j of a row with image key k (its source
 position, mixed with its pass over the source after the first: ``image_keys``) is drawn from its own

@@ -16,7 +16,9 @@ the component classes of its real model at a toy size:
 - ``qwenimage``: Qwen-Image (QwenImageTransformer2DModel, a Qwen2.5-VL model as text encoder, its
   causal-conv VAE, flow matching; classifier-free guidance through ``true_cfg_scale``);
 - ``zimage``: Z-Image (ZImageTransformer2DModel, a single-stream DiT over a Qwen3 model's chat-templated
-  states, a 16-channel VAE, flow matching).
+  states, a 16-channel VAE, flow matching);
+- ``flux2klein``: FLUX.2 [klein], step-distilled (Flux2Transformer2DModel without a guidance embedding,
+  three layers of a Qwen3 causal LM stacked as text states, FLUX.2's batch-normalised VAE, flow matching).
 
 Tokenizers are built from code (byte-level CLIP and Qwen BPE, character T5 unigram and Gemma BPE), so
 nothing is downloaded. The images do not depend on the caption in any useful way: use the simulator
@@ -29,7 +31,7 @@ import json
 import tempfile
 from pathlib import Path
 
-FAMILIES = ("sd15", "sdxl", "pixart", "sd3", "flux", "sana", "qwenimage", "zimage")
+FAMILIES = ("sd15", "sdxl", "pixart", "sd3", "flux", "sana", "qwenimage", "zimage", "flux2klein")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -87,12 +89,12 @@ def make_tiny_pipeline(directory: str | Path, seed: int = 0, sample_size: int = 
     """Save a tiny ``family`` text-to-image pipeline to ``directory``; returns the directory.
 
     ``sample_size`` is the denoiser's nominal latent size; with the two-level VAE (scale factor 2)
-    the pipeline's native resolution is ``2 * sample_size`` pixels (64 by default). Flux and Qwen-Image
-    ignore it: their pipelines fix the latent size at 128, so their native resolution is 256 pixels.
+    the pipeline's native resolution is ``2 * sample_size`` pixels (64 by default). Flux, FLUX.2 and
+    Qwen-Image ignore it: their pipelines fix the latent size at 128, so their native resolution is 256 pixels.
     Z-Image's pipeline fixes 1024 pixels in its ``__call__``.
     """
     builders = {"sd15": _sd15, "sdxl": _sdxl, "pixart": _pixart, "sd3": _sd3, "flux": _flux, "sana": _sana,
-                "qwenimage": _qwenimage, "zimage": _zimage}
+                "qwenimage": _qwenimage, "zimage": _zimage, "flux2klein": _flux2klein}
     if family not in builders:
         raise ValueError(f"family {family!r}: choose one of {', '.join(FAMILIES)}")
     directory = Path(directory)
@@ -345,3 +347,38 @@ def _zimage(_clip_tokenizer, _sample_size: int):
         vae=_flux_vae(),
         transformer=transformer,
     )
+
+
+def _flux2klein(_clip_tokenizer, _sample_size: int):
+    """FLUX.2 [klein] as released step-distilled (``is_distilled``): double- and single-stream blocks
+    over the states of layers 9, 18 and 27 of a Qwen3 causal LM (16 wide, 27 layers, so 48 wide
+    stacked) and 2x2 patches of an 8-channel VAE whose latents are batch-normalised, 4-axis rotary
+    positions (4 x 4 = the head width), no guidance embedding, flow matching shifted by image size."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = tiny_qwen_tokenizer()
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=27, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    ))
+    vae = AutoencoderKLFlux2(
+        **_BLOCKS, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, latent_channels=8,
+    )
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=32, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=True)

@@ -13,8 +13,8 @@ from stablerep_ray.tools.tiny_pipeline import FAMILIES, make_tiny_pipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 # (denoiser, scheduler the actor runs with the config's default sampler, call arguments it fixes,
-# native resolution: 2 x the tiny sample size; Flux's and Qwen-Image's pipelines fix the latent size at
-# 128; Z-Image's fixes 1024 px)
+# native resolution: 2 x the tiny sample size; Flux's, FLUX.2's and Qwen-Image's pipelines fix the latent
+# size at 128; Z-Image's fixes 1024 px)
 PIXART_ARGS = {"use_resolution_binning": False, "clean_caption": False}
 EXPECTED = {
     "sd15": ("unet", "DPMSolverMultistepScheduler", {}, 64),
@@ -25,6 +25,7 @@ EXPECTED = {
     "sana": ("transformer", "DPMSolverMultistepScheduler", PIXART_ARGS, 64),  # its own, flow sigmas
     "qwenimage": ("transformer", "FlowMatchEulerDiscreteScheduler", {}, 256),
     "zimage": ("transformer", "FlowMatchEulerDiscreteScheduler", {}, 1024),  # fixed in its __call__
+    "flux2klein": ("transformer", "FlowMatchEulerDiscreteScheduler", {}, 256),
 }
 RENDERED_AT = {"zimage": 64}  # families whose native size is too slow for a CPU test: set in the config
 
@@ -151,6 +152,18 @@ def test_guidance_scale_reaches_the_pipeline_as_its_guidance(pipelines, family, 
     assert embedded == ({1.0: {1.0}, 3.0: {3.0}} if family == "flux" else {1.0: set(), 3.0: set()})
 
 
+def test_step_distilled_flux2_runs_with_its_own_steps_and_no_guidance(pipelines, caplog):
+    """FLUX.2 [klein] shares its class with its undistilled base; the released weights say
+    ``is_distilled`` in their config, and get the card's 4 steps at guidance 1: one pass a step."""
+    config = GeneratorConfig(model=str(pipelines["flux2klein"]), resolution=64, output_size=16, images_per_caption=2)
+    with caplog.at_level(logging.WARNING, logger="stablerep_ray.generation.diffusion"):
+        generator = DiffusersGenerator(config)
+    assert (generator.cfg.steps, generator.cfg.guidance_scale) == (4, 1.0)
+    assert f"steps {config.steps} -> 4, guidance_scale {config.guidance_scale} -> 1.0" in caplog.text
+    _, calls = denoiser_calls(generator, [0, 1])
+    assert [kwargs["hidden_states"].shape[0] for _, kwargs in calls] == [4] * 4
+
+
 def test_long_captions_are_cut_with_one_notice_per_actor(pipelines, caplog, capfd):
     """diffusers warns on every call that truncates, quoting the cut text once per image."""
     generator = DiffusersGenerator(GeneratorConfig(model=str(pipelines["sd15"]), steps=1, resolution=64,
@@ -178,6 +191,6 @@ def test_tokenizer_source_is_the_first_clip_tokenizer(pipelines):
         assert DiffusersGenerator.tokenizer_source(GeneratorConfig(model=str(pipelines[family]))) == (
             str(pipelines[family]), "tokenizer")
     for family, tokenizer in (("pixart", "T5Tokenizer"), ("sana", "GemmaTokenizer"), ("qwenimage", "Qwen2Tokenizer"),
-                              ("zimage", "Qwen2Tokenizer")):
+                              ("zimage", "Qwen2Tokenizer"), ("flux2klein", "Qwen2Tokenizer")):
         with pytest.raises(ConfigError, match=rf"model\.text\.tokenizer: .* has no CLIP tokenizer .*{tokenizer}"):
             DiffusersGenerator.tokenizer_source(GeneratorConfig(model=str(pipelines[family])))
