@@ -209,16 +209,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_pipeline(args: argparse.Namespace) -> int:
+    from .runtime import quiet_model_loading
     from .tools.tiny_pipeline import make_tiny_pipeline
 
+    quiet_model_loading()  # transformers' "Writing model shards" bar, once per text encoder
     path = make_tiny_pipeline(args.directory, args.seed, family=args.family)
     print(f"saved a tiny random {args.family} text-to-image pipeline to {path}")
     return 0
 
 
 def cmd_make_tiny_llm(args: argparse.Namespace) -> int:
+    from .runtime import quiet_model_loading
     from .tools.tiny_llm import make_tiny_llm
 
+    quiet_model_loading()
     print(f"saved a tiny random causal language model to {make_tiny_llm(args.directory, args.seed)}")
     return 0
 

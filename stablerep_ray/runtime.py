@@ -190,8 +190,9 @@ def setup_process() -> None:
 
 
 def quiet_model_loading() -> None:
-    """Turn off the tqdm bars of Hub downloads and transformers' weight loading in a process about to
-    load a model: from every actor at once they are a wall of redraws in the console and in job logs.
+    """Turn off the tqdm bars of Hub downloads and transformers' weight loading and saving in a process
+    about to load or save a model: from every actor at once they are a wall of redraws in the console and
+    in job logs.
     The loaders print one line when the model is ready instead (the diffusers one also turns off
     diffusers' own bar: importing diffusers here would cost a caption actor 2 s)."""
     import huggingface_hub.utils
