@@ -137,12 +137,19 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{config.group_size} per worker step), objective {t.objective}, {describe_lr(config)}")
     console = TrainConsole(config)
     import ray
+    from ray.train import TrainingFailedError
 
     try:
         init_ray(config)
         with sigterm_as_ctrl_c(), console:
             result = fit(config, max_steps=args.max_steps, captions_per_pass=captions_per_pass,
                          progress=console.queue)
+    except TrainingFailedError as err:  # an actor or worker refused the config: its one line, not Ray's trace
+        refused = ConfigError.raised_in(err)
+        if refused is None:
+            raise
+        ray.shutdown()
+        raise refused from None
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Ray Train aborts the run, and its ray.get exits
         from .storage import latest_checkpoint
 

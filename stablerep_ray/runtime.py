@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .config import SYNTH_SOURCE, Config, ConfigError
+from .config.base import QUOTED as QUOTED_CONFIG_ERROR
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +310,11 @@ STACK_FRAME = re.compile(r"(^|PC: |logging\.cc:\d+: )\s*@\s+(0x[0-9a-f]+|\.\.\. 
 
 def without_noise(lines: list[str], terminated: bool = False) -> tuple[list[str], bool]:
     """``lines`` of one process less those holding a ``FORWARDED_NOISE`` phrase and its SIGTERM stack,
-    and whether it has printed a SIGTERM header (``terminated``: so far)."""
+    and whether it has printed a SIGTERM header (``terminated``: so far). A batch that quotes a
+    ConfigError (the traceback of an actor or worker that refused the config, and every process it
+    took down with it) is dropped whole: the command ends by saying that error in one line."""
+    if any(QUOTED_CONFIG_ERROR.search(line) for line in lines):
+        return [], terminated
     kept = []
     for line in lines:
         terminated = terminated or SIGTERM_HEADER in line

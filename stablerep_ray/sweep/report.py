@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 from ray import tune as ray_tune
 
-from ..config import from_dict
+from ..config import ConfigError, from_dict
 from ..config.io import set_dotted_key
 from ..console import duration, metric_label
 from .plan import GUIDANCE_KEY, M_KEY, SEED, SweepPlan
@@ -37,6 +37,8 @@ class TrialEvents(ray_tune.Callback):
     # Trial id -> its point and seed, for every trial the loop has held: a trial that never reported
     # (queued when Ctrl-C came, or failed at start-up) has no config in its ray.tune.Result.
     configs: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Trial id -> the ConfigError line of each trial that failed on one.
+    refused: ClassVar[dict[str, str]] = {}
 
     def __init__(self, plan: SweepPlan):
         self.metric, self.steps = plan.config.tune.metric, plan.steps
@@ -44,7 +46,7 @@ class TrialEvents(ray_tune.Callback):
 
     def setup(self, **info) -> None:  # also on --resume, in the new driver
         self.started = time.monotonic()
-        TrialEvents.unfinished, TrialEvents.configs = {}, {}
+        TrialEvents.unfinished, TrialEvents.configs, TrialEvents.refused = {}, {}, {}
 
     def on_step_end(self, iteration, trials, **info) -> None:
         TrialEvents.unfinished = {t.trial_id: t.status for t in trials if t.status not in ("TERMINATED", "ERROR")}
@@ -70,7 +72,22 @@ class TrialEvents(ray_tune.Callback):
         self._say(trial, "done" if step >= self.steps else f"stopped by the scheduler at step {step}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._say(trial, f"failed ({trial.error_file or 'see the log above'})")
+        refused = refusal_of(trial)
+        if refused is not None:
+            TrialEvents.refused[trial.trial_id] = str(refused)
+        self._say(trial, f"failed: {refused}" if refused else f"failed ({trial.error_file or 'see the log above'})")
+
+
+def refusal_of(trial) -> ConfigError | None:
+    """The ConfigError that failed ``trial`` (an actor or worker that refused its config), from the error
+    Tune saved in the trial's local directory; None for any other failure."""
+    import ray.cloudpickle
+
+    try:
+        with open(trial.pickled_error_file, "rb") as f:
+            return ConfigError.raised_in(ray.cloudpickle.load(f))
+    except Exception:  # noqa: BLE001 - no file, or one that does not unpickle here: say where it is instead
+        return None
 
 
 def _point_key(row: dict, keys: list[str]) -> tuple:

@@ -77,6 +77,15 @@ class InterruptWatch(logging.Filter):
         return True
 
 
+TRIAL_FAILURE_LOGGER = "ray.tune.execution.tune_controller"
+
+
+def without_refused_config_traceback(record: logging.LogRecord) -> bool:
+    """Drops Tune's traceback of a trial that failed on a ConfigError: ``TrialEvents`` says it in one line."""
+    error = record.exc_info[1] if isinstance(record.exc_info, tuple) else record.exc_info
+    return not (isinstance(error, BaseException) and ConfigError.raised_in(error) is not None)
+
+
 def _check_resume(config: Config, resume: bool) -> None:
     from ray.tune import Tuner
 
@@ -183,11 +192,13 @@ def run_sweep(config: Config, resume: bool = False, captions_per_pass: int | Non
         )
     watch = InterruptWatch()
     logging.getLogger(InterruptWatch.LOGGER).addFilter(watch)
+    logging.getLogger(TRIAL_FAILURE_LOGGER).addFilter(without_refused_config_traceback)
     try:
         with sigterm_as_ctrl_c():
             results = tuner.fit()
     finally:
         logging.getLogger(InterruptWatch.LOGGER).removeFilter(watch)
+        logging.getLogger(TRIAL_FAILURE_LOGGER).removeFilter(without_refused_config_traceback)
     outputs = write_outputs(results, plan, TrialEvents.unfinished if watch.interrupted else None,
                             TrialEvents.configs)
     outputs.interrupted = watch.interrupted
@@ -199,5 +210,7 @@ def run_sweep(config: Config, resume: bool = False, captions_per_pass: int | Non
         print(f"interrupted: {_finished(experiment_path(config), plan)}the same command with --resume runs the rest")
         return outputs
     if outputs.rows and all(r["status"] == "error" for r in outputs.rows):
+        if len(set(TrialEvents.refused.values())) == 1 and len(TrialEvents.refused) == len(outputs.rows):
+            raise ConfigError(next(iter(TrialEvents.refused.values())))  # every trial refused alike
         raise RuntimeError(f"every trial of {plan.name} failed; see {outputs.results_csv} and the trial logs")
     return outputs

@@ -3,13 +3,29 @@ generation stream."""
 
 from __future__ import annotations
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..storage import storage_path
 from .checkpoint import read_resume_chunk
 from .loop import train_loop_per_worker
 from .resume import save_run_config
 
 DATA_CONSOLE_OPTIONS = ("enable_progress_bars", "enable_operator_progress_bars", "print_on_execution_start")
+
+
+def stop_on_config_error():
+    """A Train callback that ends the run at the first worker failure caused by a ConfigError (a
+    generator actor refusing its model or settings): each of ``train.max_failures`` restarts would fail
+    the same way. Raised in Train's controller, the error fails the run without a retry."""
+    from ray.train import UserCallback
+
+    class StopOnConfigError(UserCallback):
+        def after_exception(self, run_context, worker_exceptions: dict) -> None:
+            for error in worker_exceptions.values():
+                found = ConfigError.raised_in(error)
+                if found is not None:
+                    raise found
+
+    return StopOnConfigError()
 
 
 def make_trainer(config: Config, max_steps: int | None = None, callbacks: list | None = None,
@@ -72,7 +88,7 @@ def make_trainer(config: Config, max_steps: int | None = None, callbacks: list |
             storage_path=storage_path(config),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
-            callbacks=callbacks,
+            callbacks=[stop_on_config_error(), *(callbacks or [])],
             # Train's INFO lines (worker-group start, every report's raw metrics) only with --verbose.
             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),

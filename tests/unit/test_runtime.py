@@ -222,3 +222,22 @@ def test_sigterm_reaches_whichever_ctrl_c_handler_is_installed():
     finally:
         signal.signal(signal.SIGINT, previous_sigint)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_forwarded_tracebacks_of_a_refused_config_go_whole():
+    """An actor that refused the config, and each process it took down, prints a traceback ending in
+    the ConfigError: the command says it once, so those batches go, and an unrelated one stays."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    printed: list[dict] = []
+    saved = list(dispatcher.handlers)
+    dispatcher.handlers = [("ray_print_logs", printed.append)]
+    refused = ["Traceback (most recent call last):", '  File "stablerep_ray/generation/diffusion.py", line 1',
+               "stablerep_ray.config.base.ConfigError: generator.model: x is gated; accept its terms"]
+    try:
+        runtime.drop_forwarded_noise()
+        dispatcher.emit({"pid": 3, "is_err": True, "lines": ["Error in training function:", *refused]})
+        dispatcher.emit({"pid": 4, "is_err": True, "lines": ["Traceback (most recent call last):", "ValueError: 1"]})
+    finally:
+        dispatcher.handlers = saved
+    assert [(d["pid"], d["lines"]) for d in printed] == [(4, ["Traceback (most recent call last):", "ValueError: 1"])]

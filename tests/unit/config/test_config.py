@@ -115,3 +115,26 @@ def test_a_replay_buffer_too_small_is_refused_with_the_size_that_works(reuse, mb
         load_config(ROOT / "configs" / "quickstart.yaml", overrides)
     config = load_config(ROOT / "configs" / "quickstart.yaml", [f"stream.reuse={reuse}", f"stream.buffer_mb={need}"])
     assert config.buffer_groups >= reuse * config.captions_per_worker_step
+
+
+def test_a_config_error_raised_in_ray_is_found_behind_the_error_ray_raises():
+    """Ray passes a remote failure on as its own error (the cause's class mixed in, its text a
+    traceback), Train as a worker group's or controller's error: the one line is found in each."""
+    import ray.exceptions
+    from ray.train import ControllerError, WorkerGroupError
+
+    refusal = ConfigError("generator.model: x is gated; accept its terms")
+    try:
+        raise refusal
+    except ConfigError:
+        import traceback
+
+        remote_text = traceback.format_exc()
+    remote = ray.exceptions.RayTaskError("GeneratorActor.__init__", remote_text, refusal).as_instanceof_cause()
+    died = ray.exceptions.ActorDiedError()
+    died.__context__ = remote  # the actor pool's error, raised while handling the actor's
+    group = WorkerGroupError("Training failed due to worker errors", {0: died, 1: remote})
+    for error in (refusal, remote, died, group, ControllerError(refusal), RuntimeError(f"in a log:\n{remote_text}")):
+        found = ConfigError.raised_in(error)
+        assert type(found) is ConfigError and str(found) == str(refusal), type(error)
+    assert ConfigError.raised_in(WorkerGroupError("Training failed", {0: RuntimeError("CUDA out of memory")})) is None

@@ -37,6 +37,28 @@ def test_one_line_per_trial_event(tmp_path, monkeypatch, capsys):
     ]
 
 
+def test_a_trial_that_failed_on_a_refused_config_says_it_in_one_line(tmp_path, monkeypatch, capsys):
+    """Tune keeps the trial's error pickled (Ray's copy of Train's error, the refusal inside)."""
+    import ray.cloudpickle
+    import ray.exceptions
+    from ray.train import ControllerError
+
+    from stablerep_ray.config import ConfigError
+
+    monkeypatch.chdir(ROOT)
+    refusal = ConfigError("generator.model: org/x is gated on the Hugging Face Hub; accept its terms")
+    failed = ray.exceptions.RayTaskError("_run_trial", "Traceback ...", ControllerError(refusal)).as_instanceof_cause()
+    (tmp_path / "error.pkl").write_bytes(ray.cloudpickle.dumps(failed))
+    events = TrialEvents(plan_sweep(load_config(SWEEP, [f"output_dir={tmp_path}"])))
+    events.setup()
+    trial = SimpleNamespace(trial_id="cd34", config={"generator.guidance_scale": 1.0, "stream.images_per_group": 2,
+                                                     SEED: 0}, pickled_error_file=str(tmp_path / "error.pkl"))
+    events.on_trial_error(0, [], trial)
+    assert capsys.readouterr().out.split("] ", 1)[1].strip() == (
+        f"trial cd34-guidance_scale=1,images_per_group=2,seed=0: failed: {refusal}")
+    assert TrialEvents.refused == {"cd34": str(refusal)}
+
+
 def test_final_table_lines_up_the_points(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     plan = plan_sweep(load_config(SWEEP, [f"output_dir={tmp_path}"]))
