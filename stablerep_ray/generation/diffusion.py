@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -23,13 +24,15 @@ from ..config import ConfigError, GeneratorConfig
 from ..precision import resolve_dtype
 from ..runtime import quiet_model_loading, say_model_ready
 from .backends import image_keys, image_seed
+from .hub import hub_refusal
 from .pipelines import (
-    check_pipeline_path,
+    check_pipeline,
     check_scheduler,
     check_text_to_image,
     choose_guidance,
     is_component,
     model_settings,
+    no_safety_checker,
     read_json_object,
 )
 
@@ -146,7 +149,13 @@ def load_pipeline(cfg: GeneratorConfig):
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device)
-    pipe = DiffusionPipeline.from_pretrained(cfg.model, dtype=dtype)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(cfg.model, dtype=dtype)
+    except Exception as err:  # a Hub failure in one line (a ConfigError: the run stops at the first)
+        refusal = hub_refusal(cfg.model, err, f"node {socket.gethostname()}")
+        if refusal is None:
+            raise
+        raise refusal from None
     notice = TruncationNotice(cfg.model)
     for name in (type(pipe).__module__, "transformers.tokenization_utils_base"):  # where each is logged
         said_by = logging.getLogger(name)
@@ -160,10 +169,7 @@ def load_pipeline(cfg: GeneratorConfig):
     if not cfg.safety_checker and getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
     if cfg.safety_checker and getattr(pipe, "safety_checker", None) is None:
-        raise ConfigError(
-            f"generator.safety_checker: {cfg.model} has no safety checker; set it to false or use a "
-            f"pipeline that ships one"
-        )
+        raise no_safety_checker(cfg.model)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     apply_speed_options(pipe, cfg, device)
@@ -209,7 +215,7 @@ class DiffusersGenerator:
 
     @staticmethod
     def preflight(config: GeneratorConfig) -> None:
-        check_pipeline_path(config)
+        check_pipeline(config)
 
     @staticmethod
     def tokenizer_source(config: GeneratorConfig) -> tuple[str, str | None]:

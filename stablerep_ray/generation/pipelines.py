@@ -1,7 +1,7 @@
 """What a diffusers text-to-image pipeline must hold, and the settings some models need.
 
-Read twice: from a local directory's ``model_index.json`` before Ray starts (``check_pipeline_path``),
-and from the loaded pipeline in each generator actor (``model_settings``, ``check_scheduler``,
+Read twice: from the ``model_index.json`` of a local directory or Hub repository before Ray starts
+(``check_pipeline``), and from the loaded pipeline in each generator actor (``model_settings``, ``check_scheduler``,
 ``choose_guidance``), so UNet and transformer denoisers with one or several text encoders go through
 one code path.
 """
@@ -41,14 +41,19 @@ FEW_STEP_CLASSES = ("LatentConsistencyModelPipeline", "SanaSprintPipeline")
 FEW_STEP_WHEN_DISTILLED = {"Flux2KleinPipeline": (4, 1.0)}
 
 
-def check_pipeline_path(cfg: GeneratorConfig) -> None:
-    """Fail fast on a local model path that is missing, is not a complete text-to-image pipeline, or
-    whose scheduler the configured sampler cannot replace."""
+def check_pipeline(cfg: GeneratorConfig) -> None:
+    """Fail fast on a model that is missing, is not a complete text-to-image pipeline, or does not
+    take the config's settings: a local directory, or a Hub id by its config files (``hub_configs``)."""
     model = cfg.model
     path = Path(model).expanduser()
     looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
     if not looks_local:
-        return  # a hub id: checked when the actor loads it
+        from .hub import hub_configs
+
+        snapshot = hub_configs(model)
+        if snapshot is not None:
+            check_pipeline_files(cfg, snapshot, complete=False)
+        return
     if not path.is_dir():
         raise ConfigError(
             f"generator.model: {model} does not exist; give a diffusers pipeline directory or hub id "
@@ -59,21 +64,36 @@ def check_pipeline_path(cfg: GeneratorConfig) -> None:
             f"generator.model: {model} has no model_index.json, so it is not a diffusers pipeline "
             f"directory; point it at a pipeline saved with save_pretrained"
         )
+    check_pipeline_files(cfg, path, complete=True)
+
+
+def check_pipeline_files(cfg: GeneratorConfig, path: Path, complete: bool) -> None:
+    """The checks on a pipeline's model_index.json and configs in ``path``; ``complete``: the folder
+    holds the whole pipeline (a local directory, not the configs fetched from the Hub)."""
+    model = cfg.model
     components = read_json_object(path / "model_index.json")
     class_name = str(components.get("_class_name"))
     check_text_to_image(model, class_name, [c for c, v in components.items() if is_component(c, v)])
     absent = [c for c, v in components.items() if is_component(c, v) and not (path / c).is_dir()]
-    if absent:
+    if complete and absent:
         raise ConfigError(
             f"generator.model: {model} lists {', '.join(absent)} in model_index.json but has no "
             f"{'/, '.join(absent)}/ folder; the download or copy is incomplete, fetch the whole pipeline"
         )
+    if cfg.safety_checker and not is_component("safety_checker", components.get("safety_checker")):
+        raise no_safety_checker(model)
     check_pipeline_class(model, components, path)
     scheduler = path / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
         config = read_json_object(scheduler)
         wanted = model_settings(cfg, class_name, config, pipeline_config=components).get("scheduler", cfg.scheduler)
         check_scheduler(wanted, config, str(config.get("_class_name")), class_name)
+
+
+def no_safety_checker(model: str) -> ConfigError:
+    return ConfigError(
+        f"generator.safety_checker: {model} has no safety checker; set it to false or use a pipeline that ships one"
+    )
 
 
 def check_pipeline_class(model: str, index: dict, path: Path) -> None:

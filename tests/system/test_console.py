@@ -1,5 +1,6 @@
 """The quickstart's console and TensorBoard, from one short run of the real command (output to a file,
-as in CI or `ray job logs`), and `stablerep-ray eval` of its checkpoint; a run stopped by Ctrl-C.
+as in CI or `ray job logs`), and `stablerep-ray eval` of its checkpoint; a run stopped by Ctrl-C; a
+config that a generator actor refuses (its one line).
 
 Console: at most 100 lines, at least 90 % of them carrying information (no progress-bar redraws, blank
 cursor lines or raw report dumps), one progress line per log interval, and the summary last.
@@ -155,3 +156,24 @@ def test_sigterm_ends_eval_like_ctrl_c(via, run, tmp_path):
     assert not [line for line in lines if "SIGTERM" in line or "Traceback" in line], lines
     assert re.fullmatch(r"features: [\d,]+/16,000 images .*", lines[0]), lines
     assert not (tmp_path / "results.json").exists()
+
+
+def test_a_config_a_generator_actor_refuses_ends_in_its_one_line(tmp_path, monkeypatch):
+    """A Hub id the driver could not check (no Hub, no cache: a warning) that no node can load: the
+    actor's refusal is the command's last line, status 2, in place of each Ray process's traceback and
+    Train's restarts."""
+    model = "stablerep-ray-tests/no-such-pipeline"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the same outcome with or without a network, here and in CI
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    log = tmp_path / "train.log"
+    rc = cli("train", str(ROOT / "configs" / "tiny-diffusers.yaml"), "--output-dir", str(tmp_path),
+             "--set", f"generator.model={model}", log=log)
+    lines = log.read_text(errors="replace").splitlines()
+    print("\n".join(["", *lines]))
+    assert rc == 2 and len(lines) <= 6 and not [line for line in lines if "Traceback" in line], lines
+    assert any(line.startswith(f"warning: generator.model: {model} is not checked before start") for line in lines)
+    assert re.fullmatch(
+        rf"error: generator\.model: {model} is neither a directory nor in the Hugging Face cache of node \S+, and "
+        rf"the Hub cannot be reached from there \(HF_HUB_OFFLINE is set\); download it where the Hub is reachable "
+        rf"\(`hf download {model}`\) into a cache every node reads \(HF_HOME\), or give a pipeline directory",
+        lines[-1]), lines[-1]

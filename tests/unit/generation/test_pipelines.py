@@ -5,7 +5,7 @@ import json
 import pytest
 
 from stablerep_ray.config import ConfigError, GeneratorConfig
-from stablerep_ray.generation.pipelines import check_pipeline_path, model_settings, samples_ddpm_noise
+from stablerep_ray.generation.pipelines import check_pipeline, model_settings, samples_ddpm_noise
 
 SD = {"_class_name": "StableDiffusionPipeline", "safety_checker": [None, None],
       **{c: ["diffusers", "X"] for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}}
@@ -30,19 +30,19 @@ def pipeline(root, index: dict, scheduler: dict | None = None, without: tuple = 
 
 def refused(model: str, **settings) -> str:
     with pytest.raises(ConfigError) as err:
-        check_pipeline_path(GeneratorConfig(model=model, **settings))
+        check_pipeline(GeneratorConfig(model=model, **settings))
     return str(err.value)
 
 
 @pytest.mark.parametrize("index", [SD, SD3], ids=["unet", "transformer"])
 def test_complete_pipelines_pass(tmp_path, index):
-    check_pipeline_path(GeneratorConfig(model=pipeline(tmp_path / "p", index, DDPM if index is SD else FLOW)))
+    check_pipeline(GeneratorConfig(model=pipeline(tmp_path / "p", index, DDPM if index is SD else FLOW)))
 
 
 def test_null_slot_needs_no_folder(tmp_path):
     """SD3 saved without its T5 encoder: model_index.json keeps the slot as null."""
     index = {**SD3, "text_encoder_3": [None, None], "tokenizer_3": [None, None]}
-    check_pipeline_path(GeneratorConfig(model=pipeline(tmp_path / "p", index, FLOW)))
+    check_pipeline(GeneratorConfig(model=pipeline(tmp_path / "p", index, FLOW)))
 
 
 @pytest.mark.parametrize("missing", ["text_encoder_2", "tokenizer_3", "transformer"])
@@ -65,6 +65,14 @@ def test_component_named_in_the_index_must_have_its_folder(tmp_path, missing):
 def test_not_text_to_image_is_refused(tmp_path, index, expected):
     message = refused(pipeline(tmp_path / "p", index))
     assert expected in message and "text-to-image pipeline is needed" in message
+
+
+def test_safety_checker_asked_of_a_pipeline_without_one_is_refused(tmp_path):
+    model = pipeline(tmp_path / "p", SD, DDPM)  # its safety_checker slot is null, as save_pretrained writes it
+    assert refused(model, safety_checker=True) == (
+        f"generator.safety_checker: {model} has no safety checker; set it to false or use a pipeline that ships one")
+    check_pipeline(GeneratorConfig(model=pipeline(tmp_path / "q", {**SD, "safety_checker": ["stable_diffusion", "X"]},
+                                                  DDPM), safety_checker=True))
 
 
 def test_pipeline_class_must_exist_in_the_installed_diffusers(tmp_path):
@@ -90,9 +98,9 @@ def test_flow_matching_scheduler_cannot_be_replaced(tmp_path):
     assert message.startswith("generator.scheduler:") and "FlowMatchEulerDiscreteScheduler" in message
     assert "set generator.scheduler=pipeline" in message
     # the default sampler becomes 'pipeline' by the model defaults, unless they are off
-    check_pipeline_path(GeneratorConfig(model=model))
+    check_pipeline(GeneratorConfig(model=model))
     assert "generator.scheduler" in refused(model, model_defaults=False)
-    check_pipeline_path(GeneratorConfig(model=model, scheduler="pipeline", model_defaults=False))
+    check_pipeline(GeneratorConfig(model=model, scheduler="pipeline", model_defaults=False))
 
 
 def test_scheduler_kinds():
