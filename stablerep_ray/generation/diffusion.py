@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import socket
 import time
 from pathlib import Path
 
@@ -21,10 +20,10 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, GeneratorConfig
+from ..hub import PIPELINE, loading
 from ..precision import resolve_dtype
 from ..runtime import quiet_model_loading, say_model_ready
 from .backends import image_keys, image_seed
-from .hub import hub_refusal
 from .pipelines import (
     check_pipeline,
     check_scheduler,
@@ -149,13 +148,8 @@ def load_pipeline(cfg: GeneratorConfig):
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device)
-    try:
-        pipe = DiffusionPipeline.from_pretrained(cfg.model, dtype=dtype)
-    except Exception as err:  # a Hub failure in one line (a ConfigError: the run stops at the first)
-        refusal = hub_refusal(cfg.model, err, f"node {socket.gethostname()}")
-        if refusal is None:
-            raise
-        raise refusal from None
+    with loading(cfg.model, PIPELINE) as local:
+        pipe = DiffusionPipeline.from_pretrained(cfg.model, dtype=dtype, local_files_only=local)
     notice = TruncationNotice(cfg.model)
     for name in (type(pipe).__module__, "transformers.tokenization_utils_base"):  # where each is logged
         said_by = logging.getLogger(name)

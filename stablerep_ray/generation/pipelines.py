@@ -48,9 +48,9 @@ def check_pipeline(cfg: GeneratorConfig) -> None:
     path = Path(model).expanduser()
     looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
     if not looks_local:
-        from .hub import hub_configs
+        from ..hub import PIPELINE, hub_configs
 
-        snapshot = hub_configs(model)
+        snapshot = hub_configs(model, PIPELINE)
         if snapshot is not None:
             check_pipeline_files(cfg, snapshot, complete=False)
         return

@@ -175,5 +175,5 @@ def test_a_config_a_generator_actor_refuses_ends_in_its_one_line(tmp_path, monke
     assert re.fullmatch(
         rf"error: generator\.model: {model} is neither a directory nor in the Hugging Face cache of node \S+, and "
         rf"the Hub cannot be reached from there \(HF_HUB_OFFLINE is set\); download it where the Hub is reachable "
-        rf"\(`hf download {model}`\) into a cache every node reads \(HF_HOME\), or give a pipeline directory",
+        rf"\(`hf download {model}`\) into a cache every node reads \(HF_HOME\), or give a directory",
         lines[-1]), lines[-1]

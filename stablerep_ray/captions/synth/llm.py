@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ...config import SynthConfig
+from ...hub import LANGUAGE_MODEL, loading
 from ...precision import resolve_dtype
 from ...runtime import quiet_model_loading, say_model_ready
 from .rows import finish_batch
@@ -50,11 +51,13 @@ class CausalLM:
         quiet_model_loading()
         started = time.perf_counter()
         self.device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        with loading(model, LANGUAGE_MODEL) as local:
+            self.tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=local)
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=resolve_dtype(dtype, self.device),
+                                                              local_files_only=local)
         self.tokenizer.padding_side = "left"  # generation continues every row from its last token
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=resolve_dtype(dtype, self.device))
         self.model.to(self.device).eval()
         say_model_ready("captions", model, self.model, self.device, self.model.dtype, started)
 

@@ -22,9 +22,15 @@ from .stream import check_vllm, http_headers, prompt_columns, synth_captions
 
 
 def check_model_path(cfg: SynthConfig) -> None:
-    """A local model directory must exist and hold a config.json (a hub id is checked when loaded)."""
+    """A local model directory must exist and hold a config.json; a Hub id must name a transformers
+    model this machine may read (``hub.hub_configs``: a typo or a gated model refused here)."""
     path = Path(cfg.model).expanduser()
-    if cfg.backend == "http" or not (path.exists() or cfg.model.startswith((".", "/", "~"))):
+    if cfg.backend == "http":
+        return
+    if not (path.exists() or cfg.model.startswith((".", "/", "~"))):
+        from ...hub import LANGUAGE_MODEL, hub_configs
+
+        hub_configs(cfg.model, LANGUAGE_MODEL)
         return
     if not (path / "config.json").is_file():
         raise ConfigError(
@@ -46,12 +52,12 @@ def check_synth(cfg: SynthConfig) -> str:
     """Every check of the caption stage that needs no cluster; returns the preflight's description line."""
     cfg = with_absolute_paths(cfg)
     pools = load_pools(cfg)
-    if cfg.uses_model:
-        check_model_path(cfg)
     if cfg.backend == "vllm":
         check_vllm()
     if cfg.backend == "http":
         http_headers(cfg)
+    if cfg.uses_model:  # last: a Hub id is read over the network
+        check_model_path(cfg)
     return describe(cfg, pools)
 
 

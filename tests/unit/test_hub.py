@@ -1,7 +1,8 @@
 """A Hub id checked before Ray starts, through the real huggingface_hub client against a local server
 that answers as the Hub does (the Hub itself is out of reach here): a typo, a gated model, a repository
-that is not a pipeline and a pipeline the config cannot drive each refused in one line; no Hub, a
-warning within seconds; HF_HUB_OFFLINE, the same checks from the cache."""
+of another kind and a pipeline the config cannot drive each refused in one line naming the key, for
+``generator.model`` and ``captions.synth.model``; no Hub, a warning within seconds; HF_HUB_OFFLINE, the
+same checks from the cache."""
 
 from __future__ import annotations
 
@@ -25,12 +26,21 @@ HUNYUAN = {  # model_index.json and denoiser config of a pipeline that takes no 
 ERRORS = {"org/gated": (401, "GatedRepo"), "org/missing": (401, "RepoNotFound")}
 CHECK = """
 import json, sys, time
-from stablerep_ray.config import ConfigError, GeneratorConfig
+from stablerep_ray.captions.synth.llm import CausalLM
+from stablerep_ray.captions.synth.preview import check_model_path
+from stablerep_ray.config import ConfigError, GeneratorConfig, SynthConfig
+from stablerep_ray.generation.diffusion import DiffusersGenerator
 from stablerep_ray.generation.pipelines import check_pipeline
-for model in sys.argv[1:]:
+ACTIONS = {  # the driver's checks, and the actors' loading
+    "llm": lambda model: check_model_path(SynthConfig(backend="transformers", model=model)),
+    "load-llm": CausalLM,
+    "load": lambda model: DiffusersGenerator(GeneratorConfig(model=model)),
+}
+for model in sys.argv[1:]:  # ACTION:ID, or a pipeline ID to check
     started = time.perf_counter()
+    action, _, name = model.rpartition(":")
     try:
-        check_pipeline(GeneratorConfig(model=model))
+        ACTIONS.get(action, lambda model: check_pipeline(GeneratorConfig(model=model)))(name)
         outcome = "passed"
     except ConfigError as err:
         outcome = str(err)
@@ -49,7 +59,10 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
         self.answer(body=True)
 
     def answer(self, body: bool) -> None:
-        org, name, _, _, path = self.path.split("?")[0].lstrip("/").split("/", 4)
+        parts = self.path.split("?")[0].lstrip("/").split("/")
+        if parts[:2] == ["api", "models"]:  # the model info diffusers asks for first: the errors only
+            parts = parts[2:] + ["resolve", "main", "-"]
+        org, name, _, _, path = parts[0], parts[1], *parts[2:4], "/".join(parts[4:])
         repo = f"{org}/{name}"
         if repo in ERRORS:
             status, code = ERRORS[repo]
@@ -110,6 +123,15 @@ def test_hub_failures_and_a_pipeline_the_config_cannot_drive_are_refused_before_
     assert cached["org/hunyuan"]["outcome"] == results["org/hunyuan"]["outcome"]
 
 
+def test_a_caption_model_on_the_hub_is_checked_the_same_way(hub, tmp_path):
+    results, _ = check(hub, tmp_path, "llm:org/gated", "llm:org/hunyuan")
+    assert results["llm:org/gated"]["outcome"].startswith(
+        "captions.synth.model: org/gated is gated on the Hugging Face Hub and the token of this machine has no access")
+    assert results["llm:org/hunyuan"]["outcome"] == (  # a pipeline repository: no config.json at its root
+        "captions.synth.model: org/hunyuan on the Hugging Face Hub has no config.json, so it is not a transformers "
+        "model repository; use the model's transformers repository")
+
+
 def test_no_hub_is_a_warning_within_seconds(tmp_path):
     """huggingface_hub alone would retry the connection for 23 s; the actors then try their own nodes."""
     with __import__("socket").socket() as closed:
@@ -119,5 +141,29 @@ def test_no_hub_is_a_warning_within_seconds(tmp_path):
     assert results["org/anything"]["outcome"] == "passed" and results["org/anything"]["seconds"] < 3
     assert warnings.strip() == (
         f"warning: generator.model: org/anything is not checked before start: this machine's Hugging Face cache "
-        f"does not hold it and the Hub cannot be reached (no connection to {endpoint}); each generator actor "
-        f"loads it from its own node's cache or the Hub")
+        f"does not hold it and the Hub cannot be reached (no connection to {endpoint}); each actor loads it "
+        f"from its own node's cache or the Hub")
+
+
+def test_actors_loading_from_the_hub_refuse_in_the_same_words(hub, tmp_path):
+    """The generator and caption actors' from_pretrained, for what the driver could not check: the line
+    names the node."""
+    import socket
+
+    results, _ = check(hub, tmp_path, "load:org/gated", "load-llm:org/missing")
+    assert results["load:org/gated"]["outcome"].startswith(
+        f"generator.model: org/gated is gated on the Hugging Face Hub and the token of node {socket.gethostname()} "
+        f"has no access to it")
+    assert results["load-llm:org/missing"]["outcome"].startswith(
+        f"captions.synth.model: org/missing is neither a directory nor a Hub repository that node "
+        f"{socket.gethostname()} can see")
+
+
+def test_actors_with_no_hub_fail_at_once(tmp_path):
+    with __import__("socket").socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        results, _ = check(endpoint, tmp_path, "load:org/anything", "load-llm:org/anything")
+    for result in results.values():
+        assert f"cannot be reached from there (no connection to {endpoint})" in result["outcome"], result
+        assert result["seconds"] < 10, result  # not the client's 23 s of retries
