@@ -113,3 +113,22 @@ def test_interrupted_trials_are_told_apart_from_scheduler_stops(tmp_path, monkey
     assert collect_rows(results, plan)[1]["status"] == "stopped"  # not interrupted: the scheduler's stop
     # without the loop's configs, the never-reported trials still get rows (last, their params empty)
     assert [r["trial_id"] for r in collect_rows(results, plan)][-2:] == ["running", "queued"]
+
+
+def test_tunes_traceback_of_a_refused_trial_goes_and_others_stay():
+    import logging
+
+    import ray.exceptions
+    from ray.train import ControllerError
+
+    from stablerep_ray.config import ConfigError
+    from stablerep_ray.sweep.run import without_refused_config_traceback
+
+    def record(error: BaseException) -> logging.LogRecord:
+        return logging.LogRecord("ray.tune.execution.tune_controller", logging.ERROR, __file__, 1,
+                                 "Trial task failed for trial t", None, (type(error), error, None))
+
+    refused = ray.exceptions.RayTaskError("train", "Traceback ...", ControllerError(ConfigError("x: y"))
+                                          ).as_instanceof_cause()
+    assert not without_refused_config_traceback(record(refused))
+    assert without_refused_config_traceback(record(RuntimeError("CUDA out of memory")))
