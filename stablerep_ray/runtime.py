@@ -289,13 +289,16 @@ def quiet_ray_logs() -> None:
 # worker start-up concurrency, and every actor restartable with object-store arguments (Ray Train's
 # controller, Ray Data's split coordinator) logs ray-project/ray#53727 at start, and when a run ends Ray
 # Data's teardown of the generator pool (ray.kill) makes the raylet report the task it had queued on
-# the killed actor as a failed submit to be retried. Ray Data's split coordinator logs that the
-# training stream finished, at INFO, also with progress bars off: the summary after it says more. None
-# of them is about the run.
+# the killed actor as a failed submit to be retried; so does an actor that dies while starting (its
+# error is said elsewhere) for Ray Data's query of where it runs. Ray Data's split coordinator logs
+# that the training stream finished, at INFO, also with progress bars off: the summary after it says
+# more. None of them is about the run.
 FORWARDED_NOISE = (
     "PYTHON worker processes have been started on node",
     "has constructor arguments in the object store and max_restarts > 0",
     "The actor is dead because it was killed by `ray.kill`",
+    "get_location failed. There are infinite retries remaining, so the task will be retried. Error: The "
+    "actor is temporarily unavailable",
     "execution finished in",
 )
 

@@ -10,6 +10,7 @@ import hashlib
 import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -95,17 +96,38 @@ def hub():
 
 
 def check(endpoint: str, home, *models: str, **env) -> tuple[dict, str]:
-    """check_pipeline on each model in a fresh process (huggingface_hub reads HF_ENDPOINT at import)."""
+    """Each model's check or load in one fresh process (huggingface_hub reads HF_ENDPOINT at import)."""
     done = subprocess.run(
-        [sys.executable, "-c", CHECK, *models], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", CHECK, *models], capture_output=True, text=True, timeout=180,
         env={**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), **env},
     )
     assert done.returncode == 0, done.stderr
     return {r["model"]: r for r in map(json.loads, done.stdout.splitlines())}, done.stderr
 
 
-def test_hub_failures_and_a_pipeline_the_config_cannot_drive_are_refused_before_ray(hub, tmp_path):
-    results, _ = check(hub, tmp_path, "org/missing", "org/gated", "org/weights-only", "org/hunyuan")
+@pytest.fixture(scope="module")
+def answered(hub, tmp_path_factory):
+    """Every case against the local Hub, in one process; then the pipeline it could read, offline."""
+    home = tmp_path_factory.mktemp("hf")
+    results, _ = check(hub, home, "org/missing", "org/gated", "org/weights-only", "org/hunyuan", "llm:org/gated",
+                       "llm:org/hunyuan", "load:org/gated", "load-llm:org/missing")
+    cached, _ = check(hub, home, "org/hunyuan", HF_HUB_OFFLINE="1")  # from the cache the run above filled
+    return results, cached
+
+
+@pytest.fixture(scope="module")
+def unanswered(tmp_path_factory):
+    """The driver's check and both loaders where nothing answers at the Hub's address."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        results, warnings = check(endpoint, tmp_path_factory.mktemp("hf"), "org/anything", "load:org/anything",
+                                  "load-llm:org/anything")
+    return endpoint, results, warnings
+
+
+def test_hub_failures_and_a_pipeline_the_config_cannot_drive_are_refused_before_ray(hub, answered):
+    results, cached = answered
     assert results["org/missing"]["outcome"].startswith(
         "generator.model: org/missing is neither a directory nor a Hub repository that this machine can see; "
         "check the path or the id")
@@ -115,16 +137,14 @@ def test_hub_failures_and_a_pipeline_the_config_cannot_drive_are_refused_before_
         f"in the environment of every node)")
     assert results["org/weights-only"]["outcome"].startswith(
         "generator.model: org/weights-only on the Hugging Face Hub has no model_index.json")
-    # fetched configs go through the checks a local directory gets
-    assert "HunyuanImagePipeline, which takes neither guidance_scale nor true_cfg_scale" in (
-        results["org/hunyuan"]["outcome"])
-
-    cached, _ = check(hub, tmp_path, "org/hunyuan", HF_HUB_OFFLINE="1")  # from the cache the run above filled
+    # fetched configs go through the checks a local directory gets, online or from the cache
+    refused = results["org/hunyuan"]["outcome"]
+    assert "HunyuanImagePipeline, which takes neither guidance_scale nor true_cfg_scale" in refused
     assert cached["org/hunyuan"]["outcome"] == results["org/hunyuan"]["outcome"]
 
 
-def test_a_caption_model_on_the_hub_is_checked_the_same_way(hub, tmp_path):
-    results, _ = check(hub, tmp_path, "llm:org/gated", "llm:org/hunyuan")
+def test_a_caption_model_on_the_hub_is_checked_the_same_way(answered):
+    results, _ = answered
     assert results["llm:org/gated"]["outcome"].startswith(
         "captions.synth.model: org/gated is gated on the Hugging Face Hub and the token of this machine has no access")
     assert results["llm:org/hunyuan"]["outcome"] == (  # a pipeline repository: no config.json at its root
@@ -132,25 +152,10 @@ def test_a_caption_model_on_the_hub_is_checked_the_same_way(hub, tmp_path):
         "model repository; use the model's transformers repository")
 
 
-def test_no_hub_is_a_warning_within_seconds(tmp_path):
-    """huggingface_hub alone would retry the connection for 23 s; the actors then try their own nodes."""
-    with __import__("socket").socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, not listening: refused
-        results, warnings = check(endpoint, tmp_path, "org/anything")
-    assert results["org/anything"]["outcome"] == "passed" and results["org/anything"]["seconds"] < 3
-    assert warnings.strip() == (
-        f"warning: generator.model: org/anything is not checked before start: this machine's Hugging Face cache "
-        f"does not hold it and the Hub cannot be reached (no connection to {endpoint}); each actor loads it "
-        f"from its own node's cache or the Hub")
-
-
-def test_actors_loading_from_the_hub_refuse_in_the_same_words(hub, tmp_path):
+def test_actors_loading_from_the_hub_refuse_in_the_same_words(answered):
     """The generator and caption actors' from_pretrained, for what the driver could not check: the line
     names the node."""
-    import socket
-
-    results, _ = check(hub, tmp_path, "load:org/gated", "load-llm:org/missing")
+    results, _ = answered
     assert results["load:org/gated"]["outcome"].startswith(
         f"generator.model: org/gated is gated on the Hugging Face Hub and the token of node {socket.gethostname()} "
         f"has no access to it")
@@ -159,11 +164,18 @@ def test_actors_loading_from_the_hub_refuse_in_the_same_words(hub, tmp_path):
         f"{socket.gethostname()} can see")
 
 
-def test_actors_with_no_hub_fail_at_once(tmp_path):
-    with __import__("socket").socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
-        results, _ = check(endpoint, tmp_path, "load:org/anything", "load-llm:org/anything")
-    for result in results.values():
-        assert f"cannot be reached from there (no connection to {endpoint})" in result["outcome"], result
-        assert result["seconds"] < 10, result  # not the client's 23 s of retries
+def test_no_hub_is_a_warning_within_seconds(unanswered):
+    """huggingface_hub alone would retry the connection for 23 s; the actors then try their own nodes."""
+    endpoint, results, warnings = unanswered
+    assert results["org/anything"]["outcome"] == "passed" and results["org/anything"]["seconds"] < 3
+    assert warnings.strip() == (
+        f"warning: generator.model: org/anything is not checked before start: this machine's Hugging Face cache "
+        f"does not hold it and the Hub cannot be reached (no connection to {endpoint}); each actor loads it "
+        f"from its own node's cache or the Hub")
+
+
+def test_actors_with_no_hub_fail_at_once(unanswered):
+    endpoint, results, _ = unanswered
+    for loader in ("load:org/anything", "load-llm:org/anything"):
+        assert f"cannot be reached from there (no connection to {endpoint})" in results[loader]["outcome"]
+        assert results[loader]["seconds"] < 10  # not the client's 23 s of retries

@@ -89,6 +89,9 @@ def test_forwarded_worker_noise_goes_and_the_rest_stays():
             "Task MapWorker(MapBatches(GeneratorActor)).submit failed. There are infinite retries "
             "remaining, so the task will be retried. Error: The actor is dead because it was killed by "
             "`ray.kill`.",
+            "Task MapWorker(MapBatches(GeneratorActor)).get_location failed. There are infinite retries "
+            "remaining, so the task will be retried. Error: The actor is temporarily unavailable: RpcError: "
+            "RPC error: Cancelling all calls rpc_code: 14",
             "\x1b[36m(SplitCoordinator pid=13025)\x1b[0m \u2714\ufe0f  Dataset train_0355RT_0 execution finished in "
             "123.38 seconds",
         ]
