@@ -14,6 +14,7 @@ from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from .config import ConfigError
+from .config.base import chain_of
 
 
 class HubModel(NamedTuple):
@@ -39,10 +40,10 @@ def hub_configs(model: str, spec: HubModel) -> Path | None:
     the Hugging Face cache), fetched from the Hub, or read from the cache where the Hub cannot be
     reached or HF_HUB_OFFLINE is set; None, with a warning, where neither has them: each actor then
     tries its own."""
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    reachable = not constants.is_offline_mode() and hub_answers(constants.ENDPOINT)
+    reachable = hub_reachable()
     try:
         index = Path(hf_hub_download(model, spec.marker, local_files_only=not reachable))
     except Exception as err:
@@ -68,11 +69,8 @@ def loading(model: str, spec: HubModel) -> Iterator[bool]:
     true for a Hub id with no connection to the Hub (they then fail, or load the cached copy, at once
     rather than retrying the connection for 23 s), and turns a Hub failure into its one-line
     ConfigError (which ends the run at the first actor that raises it)."""
-    from huggingface_hub import constants
-
     try:
-        yield not Path(model).expanduser().exists() and (
-            constants.is_offline_mode() or not hub_answers(constants.ENDPOINT))
+        yield not Path(model).expanduser().exists() and not hub_reachable()
     except Exception as err:
         refusal = hub_refusal(model, err, f"node {socket.gethostname()}", spec)
         if refusal is None:
@@ -80,11 +78,16 @@ def loading(model: str, spec: HubModel) -> Iterator[bool]:
         raise refusal from None
 
 
-def hub_answers(endpoint: str) -> bool:
-    """Whether the Hub's host takes a connection (always true behind a proxy, which is what is reached)."""
+def hub_reachable() -> bool:
+    """Whether this node may ask the Hub: HF_HUB_OFFLINE unset, and the Hub's host takes a connection
+    (always assumed behind a proxy, which is what a connection would reach)."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return False
     if any(os.environ.get(name) for name in PROXY_VARIABLES):
         return True
-    parts = urlsplit(endpoint)
+    parts = urlsplit(constants.ENDPOINT)
     try:
         socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
                                  timeout=PROBE_TIMEOUT_S).close()
@@ -154,14 +157,3 @@ def unreachable_reason(error: BaseException) -> str | None:
         return f"no connection to {constants.ENDPOINT}"
     return f"{type(root).__name__}: {str(root).splitlines()[0]}" if str(root) else type(root).__name__
 
-
-def chain_of(error: BaseException) -> list[BaseException]:
-    """``error`` and every error it was raised from or while handling, depth first, causes first
-    (diffusers raises its own error from the connection error, while handling the cache miss)."""
-    pending, seen = [error], []
-    while pending:
-        e = pending.pop()
-        if e is not None and not any(e is s for s in seen):
-            seen.append(e)
-            pending += [e.__context__, e.__cause__]
-    return seen

@@ -21,19 +21,26 @@ class ConfigError(ValueError):
     def raised_in(cls, error: BaseException) -> ConfigError | None:
         """The ConfigError behind ``error``, which Ray raised for a task, actor or Train worker (or run)
         that failed: one of its causes, or the last one that its text or its causes' text quotes."""
-        pending, seen, quoted = [error], set(), []
-        while pending:
-            e = pending.pop()
-            if e is None or id(e) in seen:
-                continue
-            seen.add(id(e))
+        quoted = []
+        for e in chain_of(error):
             text = QUOTED.findall(str(e))
             if isinstance(e, cls) and not text:  # not Ray's copy of a remote one, whose text is a traceback
                 return e
             quoted += text
-            pending += [e.__cause__, e.__context__, getattr(e, "cause", None),  # RayTaskError's
-                        getattr(e, "controller_failure", None), *getattr(e, "worker_failures", {}).values()]
         return cls(quoted[-1]) if quoted else None
+
+
+def chain_of(error: BaseException) -> list[BaseException]:
+    """``error`` and every error behind it, depth first, causes first: what it was raised from or while
+    handling, and what Ray carries (a RayTaskError's cause, a Train run's controller and worker failures)."""
+    pending, seen = [error], []
+    while pending:
+        e = pending.pop()
+        if e is not None and not any(e is s for s in seen):
+            seen.append(e)
+            pending += [*getattr(e, "worker_failures", {}).values(), getattr(e, "controller_failure", None),
+                        getattr(e, "cause", None), e.__context__, e.__cause__]
+    return seen
 
 
 class _Section(BaseModel):

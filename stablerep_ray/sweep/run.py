@@ -82,8 +82,8 @@ TRIAL_FAILURE_LOGGER = "ray.tune.execution.tune_controller"
 
 def without_refused_config_traceback(record: logging.LogRecord) -> bool:
     """Drops Tune's traceback of a trial that failed on a ConfigError: ``TrialEvents`` says it in one line."""
-    error = record.exc_info[1] if isinstance(record.exc_info, tuple) else record.exc_info
-    return not (isinstance(error, BaseException) and ConfigError.raised_in(error) is not None)
+    error = record.exc_info[1] if record.exc_info else None  # logging keeps it as (type, value, traceback)
+    return not (error is not None and ConfigError.raised_in(error) is not None)
 
 
 def _check_resume(config: Config, resume: bool) -> None:
