@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 STOPS = {"ctrl-c": (signal.SIGINT, True), "sigterm": (signal.SIGTERM, False)}
+DURATION = r"(\d+s|\d+m\d\ds|\d+h\d\dm)"  # console.duration: 12s, 1m06s, 1h02m
 
 
 def stop_once(proc: subprocess.Popen, log: Path, text: str, how: str = "ctrl-c", timeout: float = 600,

@@ -26,6 +26,7 @@ import pytest
 import yaml
 from local_head import RAY, LocalHead, free_ports
 from repo import ROOT
+from terminal import DURATION
 
 from stablerep_ray.config import load_config
 from stablerep_ray.storage import latest_checkpoint
@@ -355,7 +356,7 @@ def test_ray_job_stop_ends_the_run_like_ctrl_c(ray_head, tmp_path):
     lines = logs.splitlines()
     assert status == "STOPPED"
     run_dir = tmp_path / "out" / "quickstart"
-    assert re.fullmatch(r"interrupted after \d+s: last logged step \d+/200", lines[-3]), lines[-3:]
+    assert re.fullmatch(rf"interrupted after {DURATION}: last logged step \d+/200", lines[-3]), lines[-3:]
     assert re.fullmatch(rf"checkpoint: {run_dir}/checkpoint_\d+ \(step \d+\); the same command resumes from it",
                         lines[-2]), lines[-2]
     assert "SIGTERM received" not in logs and "Traceback" not in logs

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 from repo import QUICKSTART, ROOT
-from terminal import stop_once
+from terminal import DURATION, stop_once
 
 STEPS = 30  # 3 log intervals of 10 steps; kNN at steps 0, 15 and 30
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
@@ -125,7 +125,7 @@ def test_ctrl_c_says_how_far_the_run_got_and_that_the_same_command_resumes(tmp_p
     print("\n".join(["", *lines]))
     assert rc == 130, lines[-20:]
     run_dir = tmp_path / "quickstart"
-    assert re.fullmatch(r"interrupted after \d+s: last logged step (10|15|20)/200", lines[-3]), lines[-3:]
+    assert re.fullmatch(rf"interrupted after {DURATION}: last logged step (10|15|20)/200", lines[-3]), lines[-3:]
     checkpoint = re.fullmatch(rf"checkpoint: ({run_dir}/checkpoint_(\d+)) \(step (\d+)\); the same command "
                               r"resumes from it", lines[-2])
     assert checkpoint and int(checkpoint[2]) == int(checkpoint[3]) >= 5, lines[-2]
