@@ -114,16 +114,16 @@ def write_partial(name: str, payload: dict, module: str) -> Path:
 
 def start_ray(num_cpus: int = 8, worker_niceness: int | None = None, runtime_env: dict | None = None) -> None:
     """A private local Ray (``address="local"``: never join another engineer's cluster), its
-    processes set up as a run's (``runtime.setup_process``).
+    processes set up as a run's (``process_setup.setup_process``).
 
     ``worker_niceness``: Ray starts worker processes at niceness 15 by default (raylet config
     ``worker_niceness``), below the driver's 0; on a CPU-contended machine that alone slows the actor
     pool against an in-process loop in the driver. Benchmarks comparing the two pass 0.
-    ``runtime_env``: instead of the run's worker set-up (``runtime.WORKER_SETUP``).
+    ``runtime_env``: instead of the run's worker set-up (``process_setup.WORKER_SETUP``).
     """
     import ray
 
-    from stablerep_ray.runtime import WORKER_SETUP, setup_process
+    from stablerep_ray.process_setup import WORKER_SETUP, setup_process
 
     setup_process()  # as a run's driver and workers set themselves up
     if worker_niceness is not None:

@@ -5,8 +5,8 @@
 
 When generation outpaces training, the generator's finished output waits unread, ``ray.wait`` in Ray
 Data's executor returns at once, and the executor (in the split coordinator actor that feeds Train)
-re-plans in a tight loop. A run sets every process up with ``runtime.setup_process``, which paces that
-loop (``runtime.MIN_LOOP_PERIOD_S``). Each round trains the config twice through ``training.fit``,
+re-plans in a tight loop. A run sets every process up with ``process_setup.setup_process``, which paces that
+loop (``process_setup.MIN_LOOP_PERIOD_S``). Each round trains the config twice through ``training.fit``,
 each time on a fresh local Ray: paced (as ``train`` runs) and unpaced (Ray Data as shipped: the worker
 set-up hook without the pacing), in alternating order. Reported per arm, over the log points after
 ``--skip-logs``: trained images/s from the run's TensorBoard scalars, and the CPU seconds per second
@@ -24,7 +24,7 @@ from . import common
 from .end_to_end import steady_state
 
 MODULE = "bench.executor_pacing"
-UNPACED = {"worker_process_setup_hook": "stablerep_ray.runtime.quiet_ray_logs"}
+UNPACED = {"worker_process_setup_hook": "stablerep_ray.process_setup.quiet_ray_logs"}
 PROCESSES = {"split coordinator": "SplitCoordinator", "trainer workers": "RayTrainWorker",
              "generator": "GeneratorActor"}
 

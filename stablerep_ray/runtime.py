@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from .config import SYNTH_SOURCE, Config, ConfigError
 from .config.base import QUOTED as QUOTED_CONFIG_ERROR
+from .process_setup import WORKER_SETUP, setup_process
 
 logger = logging.getLogger(__name__)
 
@@ -181,15 +182,6 @@ def check_reachable(address: str, field: str, timeout_s: float = 10.0) -> None:
 
 
 # Every process of the run's Ray job runs it when it starts (merged with a `ray job submit` runtime_env).
-WORKER_SETUP = {"worker_process_setup_hook": "stablerep_ray.runtime.setup_process"}
-
-
-def setup_process() -> None:
-    """What the driver and every Ray worker of a run set up first: quiet logs, a paced data executor."""
-    quiet_ray_logs()
-    pace_idle_data_executor()
-
-
 def quiet_model_loading() -> None:
     """Turn off the tqdm bars of Hub downloads and transformers' weight loading and saving in a process
     about to load or save a model: from every actor at once they are a wall of redraws in the console and
@@ -207,81 +199,6 @@ def say_model_ready(stage: str, model: str, loaded: object, device, dtype, start
     """The one line a loader prints: which model, its class, where, in which dtype, after how long."""
     print(f"{stage}: {model} ({type(loaded).__name__}) ready on {device}, {str(dtype).removeprefix('torch.')}, "
           f"in {time.perf_counter() - started:.1f} s", flush=True)
-
-
-# Ray Data's streaming executor (in the driver, or in the split coordinator actor that feeds Train)
-# polls its tasks with ray.wait(timeout=0.1 s), which returns at once when a task's output is ready.
-# When the consumers hold the stream back (the steady state whenever generation outpaces training),
-# the generator's finished output stays ready and unread, and the executor re-plans in a tight loop:
-# on a 2-core machine the split coordinator took as much CPU as a trainer worker. Each executor thread
-# now starts a scheduling pass at most every MIN_LOOP_PERIOD_S; a busy executor, whose passes wait for
-# tasks, is not slowed.
-MIN_LOOP_PERIOD_S = 0.02
-_last_pass = threading.local()
-
-
-@functools.cache  # once per process
-def pace_idle_data_executor() -> None:
-    from ray.data._internal.execution import streaming_executor
-
-    process_completed_tasks = streaming_executor.process_completed_tasks
-
-    def paced(*args, **kwargs):
-        wait = getattr(_last_pass, "t", 0.0) + MIN_LOOP_PERIOD_S - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-        _last_pass.t = time.perf_counter()
-        return process_completed_tasks(*args, **kwargs)
-
-    streaming_executor.process_completed_tasks = paced
-
-
-AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
-PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-AUTOSCALING_CLIENT_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
-PG_CLEANER_THREAD = "PlacementGroupCleanerMonitor"
-DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
-DATA_EXECUTOR_LOGGER = "ray.data._internal.execution.streaming_executor"
-
-
-@functools.cache  # once per process
-def quiet_ray_logs() -> None:
-    """Drops Ray log lines that say nothing about the run (the driver's, and a local Ray's workers':
-    their setup hook).
-
-    Ray Train's placement-group cleaner asks the state API, which the dashboard serves, every second
-    whether the Train controller is alive, and logs a warning on each failed query (one line a second of
-    training): the local Ray runs without its dashboard (faster start, less memory). When several Ray
-    instances share the host, its monitor thread dies instead, with a traceback, on the first query. It
-    only matters when a controller dies on a long-lived cluster; a local Ray removes its placement
-    groups when the driver exits. Ray Data warns that progress bars are off, which
-    ``configure_data_context`` chose on purpose, and in a terminal advertises its other progress UI. On
-    a busy machine, Train's controller warns every 20 s that a resource request to Ray's autoscaling
-    coordinator timed out (harmless, it says, when transient): the warning stays, its 17-line traceback
-    of the timeout goes. A new local Ray turns token authentication on by default, the safe default, and
-    warns that it did. Ray Data says at INFO that a dataset's execution finished (the training stream's
-    end, evaluation's feature pass), where our summary says more.
-    """
-    logging.getLogger(AUTH_SETUP_LOGGER).addFilter(
-        lambda record: not record.getMessage().startswith("Token authentication is enabled")
-    )
-    logging.getLogger(PG_CLEANER_LOGGER).addFilter(
-        lambda record: "Failed to query Ray Train Controller actor state" not in record.getMessage()
-    )
-    logging.getLogger(DATA_PROGRESS_LOGGER).addFilter(
-        lambda record: not record.getMessage().startswith(("Progress bars", "[dataset]: A new progress UI"))
-    )
-    logging.getLogger(DATA_EXECUTOR_LOGGER).addFilter(
-        lambda record: "execution finished in" not in record.getMessage()
-    )
-    logging.getLogger(AUTOSCALING_CLIENT_LOGGER).addFilter(_without_timeout_traceback)
-    report = threading.excepthook
-
-    def excepthook(args: threading.ExceptHookArgs) -> None:
-        if args.thread is None or args.thread.name != PG_CLEANER_THREAD:
-            report(args)
-
-    threading.excepthook = excepthook
 
 
 # Lines that Ray's raylet and C++ core workers write to their own stderr, which the driver forwards
@@ -365,14 +282,6 @@ def drop_forwarded_noise() -> None:
 
         print_to_stdstream.unfiltered = printer
         ray_worker.print_to_stdstream = print_to_stdstream
-
-
-def _without_timeout_traceback(record: logging.LogRecord) -> bool:
-    import ray.exceptions
-
-    if record.exc_info and isinstance(record.exc_info[1], ray.exceptions.GetTimeoutError):
-        record.exc_info = record.exc_text = None
-    return True
 
 
 def cluster_capacity() -> tuple[float, float, str]:

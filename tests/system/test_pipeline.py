@@ -52,6 +52,18 @@ def collect(ds) -> dict[int, np.ndarray]:
             for p, imgs in zip(b["position"], b["images"], strict=True)}
 
 
+def test_a_ray_worker_paces_ray_datas_executor_once_it_imports_it():
+    """The worker set-up hook (process_setup.WORKER_SETUP) reaches Ray's workers: Ray Data's scheduling
+    loop, imported after the hook ran, is the paced one (where Train's split coordinator runs it)."""
+    @ray.remote
+    def executor_pass() -> str:
+        from ray.data._internal.execution import streaming_executor
+
+        return streaming_executor.process_completed_tasks.__qualname__
+
+    assert ray.get(executor_pass.remote()) == "_pace.<locals>.paced"
+
+
 def test_captions_reach_the_generators_in_stream_order(tmp_path):
     """A caption file is read pass after pass, each in file order (a curriculum such as the spatial
     quickstart's warm-up relies on it): 100 steps of 8 captions from a 400-caption file are 3 passes

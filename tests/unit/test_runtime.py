@@ -1,73 +1,15 @@
 """Ray's known console noise is dropped, and nothing else; a cluster address nothing answers at fails fast;
 SIGTERM stops a run as Ctrl-C does."""
 
-import logging
 import os
 import signal
 import socket
-import threading
 import time
 
 import pytest
-import ray.exceptions
 
 from stablerep_ray import runtime
 from stablerep_ray.config import ConfigError
-
-
-class Collect(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
-def log_with(name: str, message: str, error: BaseException | None = None) -> list[logging.LogRecord]:
-    logger, handler = logging.getLogger(name), Collect()
-    logger.addHandler(handler)
-    try:
-        try:
-            if error:
-                raise error
-            logger.warning(message)
-        except BaseException:
-            logger.warning(message, exc_info=True)
-    finally:
-        logger.removeHandler(handler)
-    return handler.records
-
-
-def test_known_noise_goes_and_the_rest_stays():
-    runtime.quiet_ray_logs()
-    assert not log_with(runtime.DATA_PROGRESS_LOGGER, "Progress bars disabled. To enable, set ...")
-    assert not log_with(runtime.DATA_PROGRESS_LOGGER, "[dataset]: A new progress UI is available. To enable, ...")
-    assert log_with(runtime.DATA_PROGRESS_LOGGER, "Something else")
-    assert not log_with(runtime.DATA_EXECUTOR_LOGGER, "\u2714\ufe0f  Dataset d_0 execution finished in 7.73 seconds")
-    assert log_with(runtime.DATA_EXECUTOR_LOGGER, "Execution plan of Dataset dataset_0: ...")
-    assert not log_with(runtime.PG_CLEANER_LOGGER, "Failed to query Ray Train Controller actor state. ...")
-    # the timeout warning keeps its one line and loses its traceback; another error keeps both
-    timeout = log_with(runtime.AUTOSCALING_CLIENT_LOGGER, "Failed to send resource request",
-                       ray.exceptions.GetTimeoutError("Get timed out"))
-    assert len(timeout) == 1 and timeout[0].exc_info is None
-    other = log_with(runtime.AUTOSCALING_CLIENT_LOGGER, "Failed to send resource request", ValueError("bad"))
-    assert other[0].exc_info is not None
-
-
-def test_only_the_placement_group_cleaners_thread_dies_quietly():
-    reported = []
-    previous = threading.excepthook
-    threading.excepthook = reported.append
-    try:
-        runtime.quiet_ray_logs.__wrapped__()  # uncached: wraps the recording hook
-        for name in (runtime.PG_CLEANER_THREAD, "some-other-thread"):
-            thread = threading.Thread(target=lambda: 1 / 0, name=name)
-            thread.start()
-            thread.join()
-    finally:
-        threading.excepthook = previous
-    assert [args.thread.name for args in reported] == ["some-other-thread"]
 
 
 def test_forwarded_worker_noise_goes_and_the_rest_stays():
@@ -153,31 +95,6 @@ def test_raylet_warnings_sent_as_error_messages_are_filtered_too(capsys):
         ray_worker.print_to_stdstream = saved
     out = capsys.readouterr().out
     assert "a real warning" in out and "PYTHON worker processes" not in out
-
-
-def test_an_idle_data_executor_is_paced_and_a_waiting_one_is_not(monkeypatch):
-    """Ray Data's scheduling loop spins while its consumers hold the stream back: the patched pass
-    starts at most every MIN_LOOP_PERIOD_S, passes its arguments through, and adds nothing to a pass
-    that already waited that long (a busy executor waiting on its tasks)."""
-    from ray.data._internal.execution import streaming_executor
-
-    calls = []
-    monkeypatch.setattr(streaming_executor, "process_completed_tasks",
-                        lambda topology, *args, **kwargs: calls.append((topology, args, kwargs)) or 0)
-    runtime.pace_idle_data_executor.__wrapped__()  # uncached: wraps the recording stand-in
-    paced = streaming_executor.process_completed_tasks
-    period = runtime.MIN_LOOP_PERIOD_S
-
-    start = time.perf_counter()
-    for _ in range(6):
-        assert paced("topology", "policies", max_errored_blocks=3) == 0
-    assert time.perf_counter() - start >= 5 * period
-    assert calls == [("topology", ("policies",), {"max_errored_blocks": 3})] * 6
-
-    time.sleep(2 * period)
-    start = time.perf_counter()
-    paced("topology")
-    assert time.perf_counter() - start < period
 
 
 def closed_port() -> int:

@@ -64,7 +64,7 @@ def ray_session():
     ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
     started = not ray.is_initialized()
     if started:
-        from stablerep_ray.runtime import WORKER_SETUP
+        from stablerep_ray.process_setup import WORKER_SETUP
 
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=WORKER_SETUP)
     yield ray
