@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from types import ModuleType
 
+# Every process of the run's Ray job runs it when it starts (merged with a `ray job submit` runtime_env).
 WORKER_SETUP = {"worker_process_setup_hook": "stablerep_ray.process_setup.setup_process"}
 
 

@@ -181,7 +181,6 @@ def check_reachable(address: str, field: str, timeout_s: float = 10.0) -> None:
         raise ConfigError(f"{field}: nothing answers at {host}:{port} ({reason}); {_ADDRESS_HELP}") from None
 
 
-# Every process of the run's Ray job runs it when it starts (merged with a `ray job submit` runtime_env).
 def quiet_model_loading() -> None:
     """Turn off the tqdm bars of Hub downloads and transformers' weight loading and saving in a process
     about to load or save a model: from every actor at once they are a wall of redraws in the console and
