@@ -98,7 +98,9 @@ class SynthConfig(_Section):
     batch_size: int = Field(32, gt=0, description="Prompts per language-model call.")
     num_actors: int = Field(1, gt=0, description="Language-model actors in the fixed-size pool (model backends).")
     num_gpus_per_actor: float = Field(
-        0.0, ge=0, description="GPUs per language-model actor; vllm: a whole number is its tensor-parallel size."
+        0.0, ge=0, description="GPUs per language-model actor; vllm: a whole number is its tensor-parallel size, a "
+        "fraction also scales vLLM's memory share (gpu_memory_utilization 0.9 x the fraction unless "
+        "engine_kwargs sets it)."
     )
     num_cpus_per_actor: float = Field(1.0, ge=0, description="CPUs per language-model actor.")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(

@@ -33,6 +33,8 @@ DROP_ALLOWANCE = 2
 # http: retries of a request the server refused for load (429, 503, ...) or lost, with exponential back-off
 # from 1 s; a hosted endpoint's momentary hiccup must not end a long run.
 HTTP_RETRIES = 4
+# vLLM's default gpu_memory_utilization: the fraction of a card's memory one engine may take.
+VLLM_MEMORY_SHARE = 0.9
 
 
 def prompt_columns(cfg: SynthConfig, chunk: int, detail: bool) -> dict[str, np.ndarray]:
@@ -152,14 +154,18 @@ def _vllm_completion(row: dict, cfg: SynthConfig, detail: bool) -> dict:
 
 def vllm_processor_config(cfg: SynthConfig):
     """vLLMEngineProcessorConfig of a fixed pool: a whole number of GPUs per actor is its tensor-parallel
-    size; a fraction is one bundle of that fraction (several engines share a card)."""
+    size; a fraction is one bundle of that fraction (several engines share a card), whose engine also
+    takes that fraction of vLLM's default memory share (it would take 90 % of the card whatever Ray's
+    bundle says, and the next engine or generator on the card would find none)."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
     gpus = cfg.num_gpus_per_actor
-    engine = {"tensor_parallel_size": int(gpus) if gpus >= 1 else 1, **cfg.engine_kwargs}
+    engine = {"tensor_parallel_size": int(gpus) if gpus >= 1 else 1}
     placement = None
     if gpus < 1:
         placement = {"bundles": [{"GPU": gpus, "CPU": cfg.num_cpus_per_actor}]}
+        engine["gpu_memory_utilization"] = round(VLLM_MEMORY_SHARE * gpus, 3)
+    engine.update(cfg.engine_kwargs)
     return vLLMEngineProcessorConfig(
         model_source=cfg.model, engine_kwargs=engine, batch_size=cfg.batch_size,
         concurrency=(cfg.num_actors, cfg.num_actors), placement_group_config=placement,

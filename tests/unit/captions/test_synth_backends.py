@@ -98,6 +98,10 @@ def test_the_vllm_processor_is_a_fixed_pool_of_raw_completion_engines():
     assert config.placement_group_config is None
     shared = vllm_processor_config(cfg.model_copy(update={"num_gpus_per_actor": 0.5}))
     assert shared.placement_group_config["bundles"][0]["GPU"] == 0.5
+    assert shared.engine_kwargs["gpu_memory_utilization"] == 0.45  # half of vLLM's 0.9: two engines fit a card
+    assert "gpu_memory_utilization" not in config.engine_kwargs  # a whole card: vLLM's own default
+    given = cfg.model_copy(update={"num_gpus_per_actor": 0.5, "engine_kwargs": {"gpu_memory_utilization": 0.3}})
+    assert vllm_processor_config(given).engine_kwargs["gpu_memory_utilization"] == 0.3  # the config's wins
     assert vllm_processor_config(cfg.model_copy(update={"num_gpus_per_actor": 2})).engine_kwargs[
         "tensor_parallel_size"] == 2
     params = vllm_request({"prompt": "p =>", "seed": np.int64(7)}, cfg)["sampling_params"]
