@@ -227,9 +227,15 @@ SIGTERM_HEADER = "*** SIGTERM received at time="
 STACK_FRAME = re.compile(r"(^|PC: |logging\.cc:\d+: )\s*@\s+(0x[0-9a-f]+|\.\.\. and at least \d+ more frames)")
 
 
+# abseil's mutex event tracing ("[mutex.cc : 452] RAW: Lock blocking 0x... @ 0x..."): a lock's every
+# step, which a worker now and then prints (a Ray Data metadata task of `eval`, seen on 2026-11-29 as
+# the first lines of its console), about nothing the run did.
+MUTEX_TRACE = re.compile(r"\[mutex\.cc : \d+\] RAW: (Reader)?(Try)?(Lock|Unlock|Wait|Signal)")
+
+
 def without_noise(lines: list[str], terminated: bool = False) -> tuple[list[str], bool]:
-    """``lines`` of one process less those holding a ``FORWARDED_NOISE`` phrase and its SIGTERM stack,
-    and whether it has printed a SIGTERM header (``terminated``: so far). A batch that quotes a
+    """``lines`` of one process less those holding a ``FORWARDED_NOISE`` phrase, mutex tracing and its
+    SIGTERM stack, and whether it has printed a SIGTERM header (``terminated``: so far). A batch that quotes a
     ConfigError (the traceback of an actor or worker that refused the config, and every process it
     took down with it) is dropped whole: the command ends by saying that error in one line."""
     if any(QUOTED_CONFIG_ERROR.search(line) for line in lines):
@@ -238,7 +244,7 @@ def without_noise(lines: list[str], terminated: bool = False) -> tuple[list[str]
     for line in lines:
         terminated = terminated or SIGTERM_HEADER in line
         if not (any(phrase in line for phrase in FORWARDED_NOISE) or SIGTERM_HEADER in line
-                or (terminated and STACK_FRAME.search(line))):
+                or MUTEX_TRACE.search(line) or (terminated and STACK_FRAME.search(line))):
             kept.append(line)
     return kept, terminated
 

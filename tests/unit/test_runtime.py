@@ -36,6 +36,10 @@ def test_forwarded_worker_noise_goes_and_the_rest_stays():
             "RPC error: Cancelling all calls rpc_code: 14",
             "\x1b[36m(SplitCoordinator pid=13025)\x1b[0m \u2714\ufe0f  Dataset train_0355RT_0 execution finished in "
             "123.38 seconds",
+            "[mutex.cc : 452] RAW: Lock blocking 0x55695ca90cd0   @ 0x7f335362b1a2 0x7f33526fb23c 0x7f3352fc2022",
+            "[mutex.cc : 452] RAW: Lock returning 0x55695ca90cd0   @ 0x7f335362b1a2 0x7f33526fb23c",
+            "[mutex.cc : 452] RAW: Unlock 0x55695ca90cd0   @ 0x7f3352fc2037 0x7f335364c3b0",
+            "[mutex.cc : 452] RAW: ReaderTryLock succeeded 0x55695ca90cd0   @ 0x7f3352fc2037",
         ]
         dispatcher.emit({"pid": "raylet", "is_err": True, "lines": noise})
         dispatcher.emit({"pid": 7, "is_err": True, "lines": [noise[1], "Traceback: a real error"]})
