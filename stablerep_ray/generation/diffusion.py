@@ -21,6 +21,7 @@ import torch
 
 from ..config import ConfigError, GeneratorConfig
 from ..hub import PIPELINE, loading
+from ..memory import loading_model, names_setting
 from ..precision import resolve_dtype
 from ..runtime import quiet_model_loading, say_model_ready
 from .backends import image_keys, image_seed
@@ -165,10 +166,24 @@ def load_pipeline(cfg: GeneratorConfig):
     if cfg.safety_checker and getattr(pipe, "safety_checker", None) is None:
         raise no_safety_checker(cfg.model)
     pipe.set_progress_bar_config(disable=True)
-    pipe = pipe.to(device)
+    with loading_model("generator", cfg.model, cfg.dtype):
+        pipe = pipe.to(device)
     apply_speed_options(pipe, cfg, device)
     say_model_ready("generator", cfg.model, pipe, device, dtype, started)
     return pipe, device, cfg
+
+
+def call_memory(cfg: GeneratorConfig, captions: int):
+    """A generator call too large for the card names the call's size and what bounds it (``memory``)."""
+    work = (f"one call of {captions} caption{'s' if captions > 1 else ''} x {cfg.images_per_caption} images at "
+            f"{cfg.resolution} px")
+    key = "generator.captions_per_call" if captions > 1 else "generator.images_per_caption"
+    fixes = [f"lower {key}"]
+    if not cfg.vae_slicing:
+        fixes.append("decode one image at a time (generator.vae_slicing: true)")
+    if captions == 1:
+        fixes.append("give each actor a larger share of a GPU (generator.num_gpus_per_actor)")
+    return names_setting(key, work, *fixes)
 
 
 def apply_speed_options(pipe, cfg: GeneratorConfig, device: torch.device, compile_mode: str = COMPILE_MODE) -> None:
@@ -249,7 +264,7 @@ class DiffusersGenerator:
         # states, so with several captions per call an image would be masked by another caption's
         # mask. The text encoder's share of the cost is small.
         prompts = [caption for caption in captions for _ in range(n)]
-        with torch.inference_mode():
+        with torch.inference_mode(), call_memory(cfg, len(captions)):
             out = self.pipe(
                 prompt=prompts,
                 generator=generators,

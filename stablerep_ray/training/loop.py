@@ -18,7 +18,7 @@ from ..config import from_dict
 from ..console import quiet_train_worker, send_progress
 from ..stream import GroupStream
 from .checkpoint import RESUME_CHUNK, report_checkpoint, restore, resume_point
-from .step import TrainStep
+from .step import TrainStep, step_memory
 from .telemetry import (
     DataWait,
     interval_scalars,
@@ -120,7 +120,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             record = {"step": index, "keys": batch.keys.tolist(), "ids": batch.group_ids.tolist()}
             consumed_log.write(json.dumps(record) + "\n")
             consumed_log.flush()
-        result = step(batch)
+        with step_memory(config):
+            result = step(batch)
         interval_steps += 1
 
         if rank == 0 and (index == start_step or (t.image_grid_every and done % t.image_grid_every == 0)):

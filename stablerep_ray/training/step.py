@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import Config
+from ..memory import names_setting
 from ..models import build_model
 from ..precision import autocast_dtype
 from ..stream import Batch
@@ -101,6 +102,16 @@ class TrainStep:
         follow_config(self.optimizer, self.scheduler, self.config)
         self.objective.load_state_dict(state.get("objective", {}))
         self.step = state["step"]
+
+
+def step_memory(config: Config):
+    """A training step too large for the card names the batch and what bounds it (``memory``)."""
+    inputs = config.captions_per_worker_step * config.group_size
+    fixes = ["lower train.batch_size", "spread it over more workers (train.num_workers)"]
+    if config.train.precision == "fp32":
+        fixes.append("train in bf16 (train.precision: auto)")
+    work = f"a training step on {inputs} inputs per worker ({config.model.name} at {config.model.image_size} px)"
+    return names_setting("train.batch_size", work, *fixes)
 
 
 def synthetic_batch(config: Config, captions: int, seed: int = 0) -> Batch:

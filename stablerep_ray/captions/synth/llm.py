@@ -15,6 +15,7 @@ import torch
 
 from ...config import SynthConfig
 from ...hub import LANGUAGE_MODEL, loading
+from ...memory import loading_model, names_setting
 from ...precision import resolve_dtype
 from ...runtime import quiet_model_loading, say_model_ready
 from .rows import finish_batch
@@ -86,10 +87,13 @@ class TransformersCaptioner:
         if cfg.num_gpus_per_actor == 0:
             torch.set_num_threads(max(1, int(cfg.num_cpus_per_actor)))
         self.cfg, self.detail = cfg, detail
-        self.lm = CausalLM(cfg.model, cfg.dtype, gpu=cfg.num_gpus_per_actor > 0)
+        with loading_model("captions.synth", cfg.model, cfg.dtype):
+            self.lm = CausalLM(cfg.model, cfg.dtype, gpu=cfg.num_gpus_per_actor > 0)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         c = self.cfg
-        completions = self.lm.complete([str(p) for p in batch["prompt"]], [int(s) for s in batch["seed"]],
-                                       c.temperature, c.top_p, c.max_tokens)
+        work = f"completing {len(batch['prompt'])} prompts of up to {c.max_tokens} new tokens"
+        with names_setting("captions.synth.batch_size", work, "lower captions.synth.batch_size"):
+            completions = self.lm.complete([str(p) for p in batch["prompt"]], [int(s) for s in batch["seed"]],
+                                           c.temperature, c.top_p, c.max_tokens)
         return finish_batch(batch, completions, c.max_chars, self.detail)

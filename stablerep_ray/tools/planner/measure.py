@@ -94,7 +94,7 @@ def measure_trainer_rate(config: Config, min_seconds: float = 5.0, max_seconds: 
     """
     import torch
 
-    from ...training.step import TrainStep, synthetic_batch
+    from ...training.step import TrainStep, step_memory, synthetic_batch
 
     t = config.train
     device = torch.device("cuda" if t.use_gpu and torch.cuda.is_available() else "cpu")
@@ -105,7 +105,8 @@ def measure_trainer_rate(config: Config, min_seconds: float = 5.0, max_seconds: 
     batch = synthetic_batch(config, captions)
 
     def run():
-        step(batch)
+        with step_memory(config):
+            step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
