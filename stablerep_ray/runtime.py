@@ -208,7 +208,9 @@ def say_model_ready(stage: str, model: str, loaded: object, device, dtype, start
 # the killed actor as a failed submit to be retried; so does an actor that dies while starting (its
 # error is said elsewhere) for Ray Data's query of where it runs. Ray Data's split coordinator logs
 # that the training stream finished, at INFO, also with progress bars off: the summary after it says
-# more. None of them is about the run.
+# more. When a task of the stream fails, it logs that the stream aborts and that
+# DataContext.max_errored_blocks would skip failed blocks (a run must not lose groups silently); the
+# error itself reaches the command, which says it. None of them is about the run.
 FORWARDED_NOISE = (
     "PYTHON worker processes have been started on node",
     "has constructor arguments in the object store and max_restarts > 0",
@@ -216,6 +218,7 @@ FORWARDED_NOISE = (
     "get_location failed. There are infinite retries remaining, so the task will be retried. Error: The "
     "actor is temporarily unavailable",
     "execution finished in",
+    "Dataset execution will now abort. To ignore this exception and continue, set DataContext.max_errored_blocks.",
 )
 
 

@@ -36,6 +36,9 @@ def test_forwarded_worker_noise_goes_and_the_rest_stays():
             "RPC error: Cancelling all calls rpc_code: 14",
             "\x1b[36m(SplitCoordinator pid=13025)\x1b[0m \u2714\ufe0f  Dataset train_0355RT_0 execution finished in "
             "123.38 seconds",
+            "\x1b[36m(SplitCoordinator pid=16779)\x1b[0m An exception was raised from a task of operator "
+            '"MapBatches(GeneratorActor)". Dataset execution will now abort. To ignore this exception and continue, '
+            "set DataContext.max_errored_blocks.",
             "[mutex.cc : 452] RAW: Lock blocking 0x55695ca90cd0   @ 0x7f335362b1a2 0x7f33526fb23c 0x7f3352fc2022",
             "[mutex.cc : 452] RAW: Lock returning 0x55695ca90cd0   @ 0x7f335362b1a2 0x7f33526fb23c",
             "[mutex.cc : 452] RAW: Unlock 0x55695ca90cd0   @ 0x7f3352fc2037 0x7f335364c3b0",
