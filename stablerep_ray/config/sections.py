@@ -196,6 +196,13 @@ class ModelConfig(_Section):
         "small ViTs learn shape far faster with it (docs/learning.md). Not a timm architecture, so "
         "'export' refuses it.",
     )
+    grad_checkpointing: bool = Field(
+        False,
+        description="Recompute each transformer block's activations in the backward pass instead of "
+        "keeping them (timm's set_grad_checkpointing): one more forward pass of compute per step for a "
+        "fraction of the activation memory, so a per-GPU batch that runs out of memory fits without "
+        "changing train.batch_size.",
+    )
     head_hidden_dim: int = Field(4096, gt=0, description="Projection MLP hidden width.")
     head_layers: int = Field(3, ge=1, description="Projection MLP linear layers (BN+ReLU between).")
     embed_dim: int = Field(256, gt=0, description="Output dimension of the projection head.")

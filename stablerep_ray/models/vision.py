@@ -11,6 +11,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import checkpoint_seq
 
 from ..config import Config, ConfigError, ModelConfig
 from .heads import Norm, PatchHead, ProjectionHead
@@ -38,6 +39,12 @@ def create_encoder(cfg: ModelConfig, **extra) -> nn.Module:
                               f"({cfg.name} has {getattr(embed, 'patch_size', 'no patch embedding')}); "
                               f"set model.stem=patch or model.kwargs.patch_size")
         embed.proj = conv_stem(patch, encoder.embed_dim)
+    if cfg.grad_checkpointing:
+        try:
+            encoder.set_grad_checkpointing(True)
+        except (AttributeError, AssertionError, NotImplementedError):  # timm asserts for models without it
+            raise ConfigError(f"model.grad_checkpointing: timm's {cfg.name} does not support it; set it to "
+                              f"false") from None
     return encoder
 
 
@@ -117,6 +124,8 @@ class StableRepModel(nn.Module):
         if mask is not None:
             x = torch.where(mask.view(*x.shape[:-1], 1), self.mask_token.to(x.dtype), x)
         x = enc.norm_pre(enc.patch_drop(enc._pos_embed(x)))
+        if getattr(enc, "grad_checkpointing", False) and torch.is_grad_enabled():  # model.grad_checkpointing
+            return enc.norm(checkpoint_seq(enc.blocks, x))
         return enc.norm(enc.blocks(x))
 
     def crop_outputs(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None,

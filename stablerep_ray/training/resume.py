@@ -24,12 +24,13 @@ CONFIG_FILE = "config.yaml"
 
 # Keys a resumed run may change without --allow-config-change: how long it trains (train.steps: the
 # cosine schedule is re-stretched to the new length from the resume step on), where and with what
-# resources it runs, how often it logs, checkpoints and evaluates, and how the stream is buffered in
-# flight. Everything else changes what is learned or what a logged metric means. train.num_workers
-# and train.use_gpu stay refused: they change each worker's share of the batch (the projection
-# head's BatchNorm statistics) and, with precision "auto", the autocast dtype.
+# resources it runs (and whether it recomputes activations to save memory), how often it logs,
+# checkpoints and evaluates, and how the stream is buffered in flight. Everything else changes what is
+# learned or what a logged metric means. train.num_workers and train.use_gpu stay refused: they change
+# each worker's share of the batch (the projection head's BatchNorm statistics) and, with precision
+# "auto", the autocast dtype.
 MAY_CHANGE = (
-    "output_dir", "train.steps", "cluster", "tune",
+    "output_dir", "train.steps", "cluster", "tune", "model.grad_checkpointing",
     "generator.num_actors", "generator.num_gpus_per_actor", "generator.num_cpus_per_actor",
     "generator.captions_per_call", "generator.label_selector", "generator.channels_last",
     "generator.compile", "generator.vae_slicing", "generator.vae_tiling",

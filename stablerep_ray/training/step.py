@@ -107,9 +107,12 @@ class TrainStep:
 def step_memory(config: Config):
     """A training step too large for the card names the batch and what bounds it (``memory``)."""
     inputs = config.captions_per_worker_step * config.group_size
-    fixes = ["lower train.batch_size", "spread it over more workers (train.num_workers)"]
+    fixes = ["spread it over more workers (train.num_workers)"]
+    if not config.model.grad_checkpointing:
+        fixes.append("recompute activations in the backward pass (model.grad_checkpointing: true)")
     if config.train.precision == "fp32":
         fixes.append("train in bf16 (train.precision: auto)")
+    fixes.append("lower train.batch_size (a different recipe)")
     work = f"a training step on {inputs} inputs per worker ({config.model.name} at {config.model.image_size} px)"
     return names_setting("train.batch_size", work, *fixes)
 

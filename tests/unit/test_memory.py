@@ -68,8 +68,9 @@ def test_training_step_names_the_batch_per_worker():
     assert str(refused.value) == (
         f"train.batch_size: a training step on {inputs} inputs per worker ({config.model.name} at "
         f"{config.model.image_size} px) ran out of GPU memory (asked for 2.00 GiB, 1.06 GiB free of 79.11 GiB, 2 "
-        f"other processes on the card); lower train.batch_size, spread it over more workers (train.num_workers) "
-        f"or train in bf16 (train.precision: auto)")
+        f"other processes on the card); spread it over more workers (train.num_workers), recompute activations "
+        f"in the backward pass (model.grad_checkpointing: true), train in bf16 (train.precision: auto) or lower "
+        f"train.batch_size (a different recipe)")
 
 
 def test_loading_a_model_names_the_actors_share_of_the_card():
