@@ -77,6 +77,9 @@ def preflight(config: Config, steps: int | None = None) -> int:
         if stats.complete:
             check_caption_supply_of_one_pass(config, stats.captions, steps)
     generator_class(config.generator).preflight(config.generator)
+    from .models import check_encoder
+
+    check_encoder(config.model)
     if config.eval.data:
         from .evaluation import check_eval_data
 

@@ -232,6 +232,14 @@ CASES = [
     ("captions-without-line-ends",  # read no further than the limit, not the whole file
      lambda t: {"captions.source": write(t / "one-line.jsonl", "x" * (17 << 20))},
      ["one-line.jsonl: byte 0", "a line of more than 16 MiB", "not one caption or JSON object per line"]),
+    # -- an encoder timm cannot build (built on the meta device: no memory, no Ray)
+    ("model-unknown", lambda t: {"model.name": "vit_nosuch_patch16"},
+     ["model.name: Unknown model (vit_nosuch_patch16)", "timm.list_models"]),
+    ("model-kwargs-bogus", lambda t: {"model.kwargs": "{patch_size: 8, bogus_width: 3}"},
+     ["model.kwargs:", "bogus_width"]),
+    ("grad-checkpointing-unsupported",
+     lambda t: {"model.name": "convit_tiny", "model.kwargs": "{}", "model.grad_checkpointing": "true"},
+     ["model.grad_checkpointing: timm's convit_tiny does not support it"]),
     # -- numbers that are not finite
     ("base-lr-nan", lambda t: {"train.base_lr": ".nan"}, ["train.base_lr", "finite number"]),
     ("temperature-inf", lambda t: {"train.temperature": ".inf"}, ["train.temperature", "finite number"]),
