@@ -2,7 +2,7 @@
 
 The same batch runs out of memory again on every retry: Ray Train would restart the run
 ``train.max_failures`` times and Ray Data would retry the task, each time to the same end, and then print
-a long traceback. Each place that puts a batch or a model on the GPU runs under ``names_setting``, which
+a long traceback. Each place that puts a batch or a model on the GPU runs under ``NamesSetting``, which
 turns torch's out-of-memory error into a ConfigError naming the key that sized the work and what to
 change; a ConfigError ends the run at once with that line (``trainer.stop_on_config_error``, the CLI).
 """
@@ -10,8 +10,6 @@ change; a ConfigError ends the run at once with that line (``trainer.stop_on_con
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 
@@ -36,21 +34,34 @@ def memory_state(message: str) -> str:
     return ", ".join(parts)
 
 
-@contextmanager
-def names_setting(key: str, work: str, *fixes: str) -> Iterator[None]:
-    """Re-raise a CUDA out-of-memory error inside the block as ``key: <work> ran out of GPU memory
-    (<state>); <fix>, <fix> or <fix>``, keeping torch's error (and its memory summary) as the cause."""
-    try:
-        yield
-    except torch.OutOfMemoryError as err:
-        state = memory_state(str(err))
-        fix = " or ".join([", ".join(fixes[:-1]), fixes[-1]] if len(fixes) > 1 else fixes)
-        raise ConfigError(f"{key}: {work} ran out of GPU memory{f' ({state})' if state else ''}; {fix}") from err
+class NamesSetting:
+    """A context manager, reusable (a loop builds it once), that re-raises a CUDA out-of-memory error
+    inside it as ``key: <work> ran out of GPU memory (<state>); <fix>, <fix> or <fix>``, keeping torch's
+    error (and its memory summary) as the cause."""
+
+    def __init__(self, key: str, work: str, *fixes: str):
+        self.key, self.work, self.fixes = key, work, fixes
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, err, traceback) -> None:
+        if isinstance(err, torch.OutOfMemoryError):
+            state = memory_state(str(err))
+            fixes = self.fixes
+            fix = " or ".join([", ".join(fixes[:-1]), fixes[-1]] if len(fixes) > 1 else fixes)
+            raise ConfigError(f"{self.key}: {self.work} ran out of GPU memory{f' ({state})' if state else ''}; "
+                              f"{fix}") from err
 
 
-def loading_model(section: str, model: str, dtype: str):
+def larger_share(section: str) -> str:
+    """The fix of an actor whose share of a card is too small for its model or its work."""
+    return f"give each actor a larger share of a GPU ({section}.num_gpus_per_actor)"
+
+
+def loading_model(section: str, model: str, dtype: str) -> NamesSetting:
     """A model too large for an actor's share of a card: the share to raise, and half precision if not."""
-    fixes = [f"give each actor a larger share of a GPU ({section}.num_gpus_per_actor)"]
+    fixes = [larger_share(section)]
     if dtype == "fp32":
         fixes.append(f"load it in half precision ({section}.dtype: auto)")
-    return names_setting(f"{section}.num_gpus_per_actor", f"loading {model}", *fixes)
+    return NamesSetting(f"{section}.num_gpus_per_actor", f"loading {model}", *fixes)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..memory import names_setting
+from ..memory import NamesSetting
 from ..models.io import MODEL_FILE, load_checked_model, load_model, model_file
 from .cache import FeatureSet, feature_cache_path, read_cache, write_cache
 from .sources import ImageSource, SourceInfo, index_source, read_rows
@@ -67,7 +67,7 @@ def extract_features(
     out: list[torch.Tensor] = []
     work = f"feature extraction of {batch_size} images at {image_size} px"
     try:
-        with torch.no_grad(), names_setting("eval.batch_size", work, "lower eval.batch_size (eval's --batch-size)"):
+        with torch.no_grad(), NamesSetting("eval.batch_size", work, "lower eval.batch_size (eval's --batch-size)"):
             for start in range(0, len(images), batch_size):
                 x = images[start : start + batch_size]
                 if isinstance(x, np.ndarray):  # copy: Ray hands out read-only (zero-copy) arrays

@@ -21,7 +21,7 @@ import torch
 
 from ..config import ConfigError, GeneratorConfig
 from ..hub import PIPELINE, loading
-from ..memory import loading_model, names_setting
+from ..memory import NamesSetting, larger_share, loading_model
 from ..precision import resolve_dtype
 from ..runtime import quiet_model_loading, say_model_ready
 from .backends import image_keys, image_seed
@@ -182,8 +182,8 @@ def call_memory(cfg: GeneratorConfig, captions: int):
     if not cfg.vae_slicing:
         fixes.append("decode one image at a time (generator.vae_slicing: true)")
     if captions == 1:
-        fixes.append("give each actor a larger share of a GPU (generator.num_gpus_per_actor)")
-    return names_setting(key, work, *fixes)
+        fixes.append(larger_share("generator"))
+    return NamesSetting(key, work, *fixes)
 
 
 def apply_speed_options(pipe, cfg: GeneratorConfig, device: torch.device, compile_mode: str = COMPILE_MODE) -> None:

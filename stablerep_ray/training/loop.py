@@ -111,6 +111,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_start = interval_start = time.perf_counter()
     interval_steps, data_wait = 0, DataWait(device)
     end_step = min(t.steps, loop_config.get("max_steps") or t.steps)
+    out_of_memory = step_memory(config)  # a step that runs out of GPU memory names train.batch_size
     for index in range(start_step, end_step):
         done = index + 1  # the step number TensorBoard and the console show: steps done
         wait_before = stream.wait_seconds
@@ -120,7 +121,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             record = {"step": index, "keys": batch.keys.tolist(), "ids": batch.group_ids.tolist()}
             consumed_log.write(json.dumps(record) + "\n")
             consumed_log.flush()
-        with step_memory(config):
+        with out_of_memory:
             result = step(batch)
         interval_steps += 1
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import Config
-from ..memory import names_setting
+from ..memory import NamesSetting
 from ..models import build_model
 from ..precision import autocast_dtype
 from ..stream import Batch
@@ -114,7 +114,7 @@ def step_memory(config: Config):
         fixes.append("train in bf16 (train.precision: auto)")
     fixes.append("lower train.batch_size (a different recipe)")
     work = f"a training step on {inputs} inputs per worker ({config.model.name} at {config.model.image_size} px)"
-    return names_setting("train.batch_size", work, *fixes)
+    return NamesSetting("train.batch_size", work, *fixes)
 
 
 def synthetic_batch(config: Config, captions: int, seed: int = 0) -> Batch:

@@ -11,7 +11,7 @@ import torch
 from repo import QUICKSTART
 
 from stablerep_ray.config import ConfigError, GeneratorConfig, load_config
-from stablerep_ray.memory import loading_model, memory_state, names_setting
+from stablerep_ray.memory import NamesSetting, loading_model, memory_state
 
 # torch's allocator message on a card shared with two other processes (NVML present), and without NVML
 # on a full card, as torch 2.1 spelled it.
@@ -43,7 +43,7 @@ def test_torch_message_in_a_few_words():
 
 
 def test_out_of_memory_becomes_one_line_with_torchs_error_kept_behind_it():
-    with pytest.raises(ConfigError) as refused, names_setting("a.key", "the work", "fix one", "fix two", "fix three"):
+    with pytest.raises(ConfigError) as refused, NamesSetting("a.key", "the work", "fix one", "fix two", "fix three"):
         raise torch.OutOfMemoryError(FULL_CARD_NO_NVML)
     assert str(refused.value) == ("a.key: the work ran out of GPU memory (asked for 27.12 GiB, 0 bytes free of "
                                   "11.99 GiB); fix one, fix two or fix three")
@@ -51,9 +51,19 @@ def test_out_of_memory_becomes_one_line_with_torchs_error_kept_behind_it():
     assert ConfigError.raised_in(refused.value) is refused.value  # what ends a Train run or a sweep's trial
 
 
+def test_one_instance_serves_every_step_of_a_loop():
+    """The train loop builds it once and enters it every step."""
+    out_of_memory = NamesSetting("a.key", "the work", "fix")
+    with out_of_memory:
+        pass
+    for _ in range(2):
+        with pytest.raises(ConfigError, match=r"^a\.key: the work ran out of GPU memory"), out_of_memory:
+            raise torch.OutOfMemoryError(SHARED_CARD)
+
+
 def test_other_errors_pass_unchanged():
     for error in (RuntimeError("CUDA error: an illegal memory access was encountered"), ConfigError("x: y")):
-        with pytest.raises(type(error)) as raised, names_setting("a.key", "work", "fix"):
+        with pytest.raises(type(error)) as raised, NamesSetting("a.key", "work", "fix"):
             raise error
         assert raised.value is error
 

@@ -15,7 +15,7 @@ import torch
 
 from ...config import SynthConfig
 from ...hub import LANGUAGE_MODEL, loading
-from ...memory import loading_model, names_setting
+from ...memory import NamesSetting, loading_model
 from ...precision import resolve_dtype
 from ...runtime import quiet_model_loading, say_model_ready
 from .rows import finish_batch
@@ -93,7 +93,7 @@ class TransformersCaptioner:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         c = self.cfg
         work = f"completing {len(batch['prompt'])} prompts of up to {c.max_tokens} new tokens"
-        with names_setting("captions.synth.batch_size", work, "lower captions.synth.batch_size"):
+        with NamesSetting("captions.synth.batch_size", work, "lower captions.synth.batch_size"):
             completions = self.lm.complete([str(p) for p in batch["prompt"]], [int(s) for s in batch["seed"]],
                                            c.temperature, c.top_p, c.max_tokens)
         return finish_batch(batch, completions, c.max_chars, self.detail)

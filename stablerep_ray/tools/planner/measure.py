@@ -103,9 +103,10 @@ def measure_trainer_rate(config: Config, min_seconds: float = 5.0, max_seconds: 
     step = TrainStep.build(config, device)
     captions = config.captions_per_worker_step
     batch = synthetic_batch(config, captions)
+    out_of_memory = step_memory(config)
 
     def run():
-        with step_memory(config):
+        with out_of_memory:
             step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
