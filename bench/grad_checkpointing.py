@@ -17,6 +17,7 @@ import os
 import time
 
 from . import common
+from .gpu import sync
 
 MODULE = "bench.grad_checkpointing"
 
@@ -54,12 +55,10 @@ def measure(args, checkpointing: bool) -> dict:
         saved += len(encoder.blocks) * inputs * tokens * encoder.embed_dim * 4
     seconds = []
     for _ in range(args.iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
         step(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         seconds.append(time.perf_counter() - start)
     row = {"grad_checkpointing": checkpointing, "inputs": inputs, "saved_mib": saved / 2**20,
            "step_s": min(seconds)}
